@@ -1,0 +1,80 @@
+"""Schedule rules per target family, and the pass that applies them.
+
+A rule is a ``tvm.s_tir.dlight.ScheduleRule``: given a PrimFunc it inspects the function's
+structure and returns a schedule, or ``None`` when the pattern does not match. Each family
+lists its rules from the most specific to a generic fallback; the first that matches wins.
+The pass records the winning rule's name on the function (``xcompile.rule``) so that the
+build manifest can say which rule produced each kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+RULE_ATTR = "xcompile.rule"
+UNSCHEDULED = "unscheduled"
+
+# family -> list of factories, in priority order; filled by the family modules.
+_FACTORIES: dict[str, list[Callable[[], object]]] = {}
+
+
+def register(family: str, factory: Callable[[], object]) -> None:
+    """Append a rule factory to ``family``'s list (call order is priority order)."""
+    _FACTORIES.setdefault(family, []).append(factory)
+
+
+def rules_for(family: str) -> list:
+    """Fresh instances of ``family``'s rules, most specific first (may be empty)."""
+    _load_families()
+    return [make() for make in _FACTORIES.get(family, [])]
+
+
+def rule_name(rule) -> str:
+    """The name a manifest shows for ``rule``."""
+    return getattr(rule, "name", None) or type(rule).__name__
+
+
+def _load_families() -> None:
+    # Importing a family module registers its rules.
+    from . import cuda  # noqa: F401
+
+
+def apply_rules(rules: list):
+    """A module pass that schedules every unscheduled PrimFunc with the first matching rule
+    and tags it with the rule's name; functions no rule matches are left as they are."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="xcompile.ApplyScheduleRules")
+    def _pass(mod, _ctx):
+        target = tvm.target.Target.current(allow_none=False)
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+                continue
+            for rule in rules:
+                sch = rule.apply(func, target, False)
+                if sch is None:
+                    continue
+                if isinstance(sch, list):  # tunable rules may return a space; take the first
+                    sch = sch[0]
+                updates[gvar] = (sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                                 .with_attr(RULE_ATTR, rule_name(rule)))
+                log.debug("%s: %s", gvar.name_hint, rule_name(rule))
+                break
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
+def kernel_rules(mod) -> dict[str, str]:
+    """Kernel name -> the rule that scheduled it (``unscheduled`` when none did)."""
+    from tvm import tirx
+
+    return {gvar.name_hint: str(func.attrs.get(RULE_ATTR, UNSCHEDULED))
+            for gvar, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}

@@ -1,0 +1,152 @@
+"""Target presets: one table, keyed by name. The rest of xcompile reads a preset's fields
+and never branches on target names or strings."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, replace
+
+from xcompile.errors import XCompileError
+
+# Host target of CUDA builds: generic x86-64, so the module's host code runs on any x86-64.
+_CUDA_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named compilation target.
+
+    ``target`` is the TVM target dict; CPU presets get ``num-cores`` filled in by
+    :func:`resolve`. ``family`` selects the schedule rules (see ``schedules``), ``device``
+    the runtime device, ``arch`` the machine the exported .so runs on, and
+    ``cross_cc`` the compiler that links it when that is not this machine.
+    """
+
+    name: str
+    description: str
+    family: str
+    device: str
+    arch: str
+    target: dict
+    host: dict | None = None
+    cross_cc: str | None = None
+    # Cores assumed for a CPU we are not running on (MetaSchedule needs a number).
+    remote_cores: int = 4
+
+    def tvm_target(self):
+        """The ``tvm.target.Target`` for this preset (imports TVM's compiler)."""
+        import tvm
+
+        if self.host is not None:
+            return tvm.target.Target(self.target, host=self.host)
+        return tvm.target.Target(self.target)
+
+    def to_json(self) -> dict:
+        """What a manifest or ``xcompile targets`` shows of this preset."""
+        out = {"name": self.name, "family": self.family, "device": self.device,
+               "arch": self.arch, "target": self.target}
+        if self.host is not None:
+            out["host"] = self.host
+        if self.cross_cc:
+            out["cross_cc"] = self.cross_cc
+        return out
+
+
+def _cuda(sm: str, gpus: str) -> Preset:
+    return Preset(
+        name=f"cuda-{sm.replace('_', '')}",
+        description=f"NVIDIA {gpus} (CUDA, {sm}), DLight schedules, x86-64 host",
+        family="cuda", device="cuda", arch="x86_64",
+        target={"kind": "cuda", "arch": sm}, host=_CUDA_HOST,
+    )
+
+
+_TABLE = [
+    Preset("x86-avx2", "x86-64 with AVX2 + FMA (Haswell, Zen 1-3 and newer)",
+           family="x86", device="cpu", arch="x86_64",
+           target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}),
+    Preset("x86-avx512", "x86-64 with AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and newer)",
+           family="x86", device="cpu", arch="x86_64",
+           target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}),
+    Preset("arm64-neon", "64-bit ARM with NEON (Cortex-A53/A72/A76, Neoverse, Graviton)",
+           family="arm", device="cpu", arch="aarch64",
+           target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+           cross_cc="aarch64-linux-gnu-g++"),
+    _cuda("sm_80", "A100 / A30"),
+    _cuda("sm_86", "RTX 30xx / A10 / A40"),
+    _cuda("sm_89", "RTX 40xx / L4 / L40"),
+    _cuda("sm_90", "H100 / H200"),
+]
+PRESETS: dict[str, Preset] = {p.name: p for p in _TABLE}
+PRESETS["cuda"] = replace(PRESETS["cuda-sm90"], name="cuda",
+                          description="the newest CUDA preset (" + PRESETS["cuda-sm90"].name + ")")
+
+HOST = "host"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def detect_host_preset() -> Preset:
+    """The best CPU preset for this machine, or an error naming what is missing."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        # A native build: no cross compiler needed.
+        return replace(PRESETS["arm64-neon"], cross_cc=None)
+    if machine in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            return PRESETS["x86-avx512"]
+        if {"avx2", "fma"} <= flags:
+            return PRESETS["x86-avx2"]
+        raise XCompileError("this x86-64 CPU lacks AVX2/FMA; no preset fits it "
+                            "(name a target with --target)")
+    raise XCompileError(f"no preset for this machine's architecture {machine!r}; "
+                        f"name one with --target (see `xcompile targets`)")
+
+
+def resolve(name: str) -> Preset:
+    """The preset called ``name`` ready to compile with: ``host`` is resolved to this
+    machine's best CPU preset, and CPU presets get their ``num-cores``."""
+    if name == HOST:
+        base = detect_host_preset()
+        preset = replace(base, name=HOST, description=f"this machine ({base.name})")
+        cores = host_cores()
+    elif name in PRESETS:
+        preset = PRESETS[name]
+        native = preset.arch == detect_arch()
+        cores = host_cores() if native else preset.remote_cores
+    else:
+        raise XCompileError(f"unknown target {name!r}; choose one of: "
+                            + ", ".join(names()))
+    if preset.device == "cpu":
+        preset = replace(preset, target={**preset.target, "num-cores": cores})
+    return preset
+
+
+def detect_arch() -> str:
+    """This machine's architecture in the presets' spelling."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def names() -> list[str]:
+    """All target names a user can pass, ``host`` first."""
+    return [HOST, *PRESETS]

@@ -1,0 +1,7 @@
+"""``python -m xcompile``."""
+
+import sys
+
+from xcompile.cli import main
+
+sys.exit(main())

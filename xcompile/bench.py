@@ -1,0 +1,138 @@
+"""Side-by-side latency: our build against ONNX Runtime (and PyTorch eager for the
+built-in models) on the same input, in one process, interleaved round by round so that
+machine noise hits every backend alike; medians over the rounds."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from xcompile import reference, runtime
+from xcompile.errors import XCompileError
+
+log = logging.getLogger(__name__)
+
+OURS = "xcompile"
+
+
+@dataclass
+class Timing:
+    """Per-round latencies of one backend, in milliseconds."""
+
+    backend: str
+    detail: str
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "detail": self.detail,
+                "median_ms": round(self.median_ms, 4),
+                "min_ms": round(min(self.samples_ms), 4),
+                "samples_ms": [round(s, 4) for s in self.samples_ms]}
+
+
+def _ours(predictor, x):
+    x_dev = predictor.to_device(x)
+
+    def run():
+        predictor.run_device(x_dev)
+        predictor.sync()
+
+    where = predictor.manifest["target"]["name"]
+    return run, f"TVM {predictor.manifest['versions']['tvm']}, {where}"
+
+
+def _onnxruntime(model_path, predictor, x):
+    session = reference.ort_session(model_path, predictor.input)
+    feed = {predictor.input.name: x}
+
+    def run():
+        session.run(None, feed)
+
+    import onnxruntime
+
+    return run, f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider"
+
+
+def _pytorch(builtin: dict, predictor, x):
+    """PyTorch eager on the built-in model with the same weights, on the build's device
+    when torch can reach it (CUDA builds on a torch without CUDA fall back to the CPU)."""
+    import torch
+
+    from xcompile.models import BuiltinSpec, make_torch_model
+
+    model = make_torch_model(BuiltinSpec(**builtin))
+    device = "cuda" if predictor.manifest["target"]["device"] == "cuda" and \
+        torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    xt = torch.from_numpy(x).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            model(xt)
+        sync()
+
+    return run, f"torch {torch.__version__} eager, {device}"
+
+
+def bench(folder, model: str | None = None, input_path: str | None = None,
+          repeat: int = 10, warmup: int = 1, with_torch: bool = True) -> dict:
+    """Time the build, ONNX Runtime and (for built-in models) PyTorch; return figures.
+
+    The result holds each backend's timing and ``ratios``: our median latency divided
+    by each other backend's (below 1 means we are faster).
+    """
+    if repeat < 1 or warmup < 0:
+        raise XCompileError("--repeat must be >= 1 and --warmup >= 0")
+    predictor = runtime.load(folder)
+    manifest = predictor.manifest
+    x = reference.make_input(predictor.input, input_path)
+    model_path = reference.reference_model(manifest, model)
+    runners = {OURS: _ours(predictor, x),
+               "onnxruntime": _onnxruntime(model_path, predictor, x)}
+    builtin = manifest["model"].get("builtin")
+    if with_torch and builtin:
+        try:
+            runners["pytorch"] = _pytorch(builtin, predictor, x)
+        except ImportError:
+            log.warning("PyTorch is not installed; timing without it")
+    timings = {name: Timing(name, detail) for name, (_, detail) in runners.items()}
+    for _ in range(warmup):
+        for run, _ in runners.values():
+            run()
+    for i in range(repeat):
+        for name, (run, _) in runners.items():
+            t0 = time.perf_counter()
+            run()
+            timings[name].samples_ms.append((time.perf_counter() - t0) * 1e3)
+        log.info("round %d/%d: %s", i + 1, repeat,
+                 ", ".join(f"{n} {t.samples_ms[-1]:.2f} ms" for n, t in timings.items()))
+    ours = timings[OURS].median_ms
+    return {
+        "build": str(folder),
+        "target": manifest["target"]["name"],
+        "input": predictor.input.to_json(),
+        "repeat": repeat,
+        "warmup": warmup,
+        "timings": [t.to_json() for t in timings.values()],
+        "ratios": {name: round(ours / t.median_ms, 4)
+                   for name, t in timings.items() if name != OURS},
+    }
+
+
+def format_table(result: dict) -> str:
+    """A human-readable table of ``bench``'s result."""
+    lines = [f"{'backend':<12} {'median ms':>10} {'min ms':>10}  detail"]
+    for t in result["timings"]:
+        lines.append(f"{t['backend']:<12} {t['median_ms']:>10.3f} {t['min_ms']:>10.3f}  "
+                     f"{t['detail']}")
+    for name, r in result["ratios"].items():
+        verdict = "faster" if r < 1 else "slower"
+        lines.append(f"{OURS} / {name} = {r:.3f}x ({verdict})")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Build: ONNX file (or the built-in Xception) -> compiled, exported build folder.
+
+The folder holds ``module.so`` (the Relax VM executable and its kernels), ``params.bin``
+(the weights, TVM's parameter format) and ``manifest.json``; see ``xcompile.manifest``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import targets
+from xcompile import frontend, manifest as mf, pipeline
+from xcompile.errors import XCompileError
+from xcompile.files import atomic_dir, sha256_file, writable_parent
+from xcompile.models import BuiltinSpec, export_onnx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUILD_ROOT = "build"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build depends on, resolved (no defaults left to fill)."""
+
+    model: str  # the ONNX file compiled
+    builtin: BuiltinSpec | None  # set when ``model`` is the generated built-in model
+    target: str  # preset name as the user gave it
+    batch: int | None  # input batch override; None keeps the model's
+    output: str
+
+    def describe(self) -> str:
+        src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
+              f"{self.builtin.input_size}x{self.builtin.input_size})" if self.builtin else ""
+        return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
+                f"batch={self.batch if self.batch is not None else 'from model'} "
+                f"output={self.output}")
+
+
+def cache_dir() -> Path:
+    """Where generated models are kept between commands."""
+    base = os.environ.get("XCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xcompile")
+    return Path(base)
+
+
+def builtin_onnx(spec: BuiltinSpec) -> Path:
+    """The ONNX file of a built-in model, generated once into the cache."""
+    if spec.weights:
+        raise XCompileError("export a model with --weights using `xcompile export-model`, "
+                            "then build it with --model")
+    path = cache_dir() / "models" / f"{spec.name}-s{spec.seed}-{spec.input_size}-b{spec.batch}.onnx"
+    if not path.is_file():
+        export_onnx(spec, path)
+    return path
+
+
+def resolve_options(model: str | None = None, target: str = targets.HOST,
+                    batch: int | None = None, output: str | None = None) -> BuildOptions:
+    """Fill in defaults and check what can be checked before any work is done."""
+    if batch is not None and batch < 1:
+        raise XCompileError(f"--batch must be >= 1, got {batch}")
+    targets.resolve(target)  # unknown names fail here, before an export
+    builtin = None
+    if model is None:
+        builtin = BuiltinSpec(batch=batch or 1)
+        model_path = str(builtin_onnx(builtin))
+        name = f"{builtin.name}-{target}-b{builtin.batch}"
+    else:
+        if not Path(model).is_file():
+            raise XCompileError(f"model file not found: {model}")
+        model_path = model
+        name = f"{Path(model).stem}-{target}" + (f"-b{batch}" if batch else "")
+    if output is None:
+        output = os.path.join(DEFAULT_BUILD_ROOT, name)
+    if Path(output).exists() and not Path(output).is_dir():
+        raise XCompileError(f"output {output} exists and is not a folder")
+    writable_parent(Path(output))
+    return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
+                        output=output)
+
+
+def _versions() -> dict:
+    import tvm
+
+    def dist(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"tvm": tvm.__version__, "tvm_ffi": dist("apache-tvm-ffi"),
+            "xcompile": dist("xcompile"), "onnx": dist("onnx")}
+
+
+def check_toolchain(preset) -> None:
+    """Fail early when the compiler that links the preset's modules is missing."""
+    if preset.cross_cc and shutil.which(preset.cross_cc) is None:
+        pkg = preset.cross_cc.rsplit("-", 1)[0]
+        raise XCompileError(f"{preset.cross_cc} not found: the {preset.name} target links "
+                            f"with it (Debian/Ubuntu: apt-get install g++-{pkg})")
+
+
+def _export(executable, preset, path: Path) -> None:
+    """Link the executable into a shared library for the preset's machine."""
+    kwargs = {}
+    if preset.cross_cc:
+        from tvm.support import cc
+
+        kwargs["fcompile"] = cc.cross_compiler(preset.cross_cc)
+    executable.export_library(str(path), **kwargs)
+
+
+def build(opts: BuildOptions) -> dict:
+    """Compile ``opts.model`` for ``opts.target`` into ``opts.output``; return the manifest.
+
+    The output folder appears only when the build succeeded.
+    """
+    import tvm
+
+    start = time.perf_counter()
+    log.info("build options: %s", opts.describe())
+    preset = targets.resolve(opts.target)
+    check_toolchain(preset)
+    onnx_model = frontend.load_onnx(opts.model)
+    imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
+    mod, kernels = pipeline.optimize(imported.mod, preset)
+    log.info("compiling %d kernels for %s", len(kernels), preset.name)
+    try:
+        executable = tvm.compile(mod, target=preset.tvm_target())
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
+    with atomic_dir(opts.output) as tmp:
+        _export(executable, preset, tmp / mf.MODULE)
+        params = dict(zip(imported.param_names, imported.params))
+        (tmp / mf.PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
+        manifest = {
+            "model": {"path": str(Path(opts.model).resolve()),
+                      "sha256": sha256_file(opts.model),
+                      "builtin": opts.builtin.to_json() if opts.builtin else None},
+            "inputs": [imported.input.to_json()],
+            "outputs": [o.to_json() for o in imported.outputs],
+            "target": preset.to_json(),
+            "versions": _versions(),
+            "options": asdict(opts),
+            "module": mf.MODULE,
+            "params": {"file": mf.PARAMS, "names": imported.param_names},
+            "kernels": [{"name": k, "rule": r} for k, r in sorted(kernels.items())],
+            "build_seconds": round(time.perf_counter() - start, 2),
+        }
+        mf.write_manifest(tmp, manifest)
+    log.info("built %s in %.1f s", opts.output, manifest["build_seconds"])
+    return manifest

@@ -1,0 +1,229 @@
+"""Command line: parse, validate, call the library, print results.
+
+Every failure the user can cause ends as one ``error: ...`` line and a non-zero exit;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from xcompile.errors import XCompileError
+
+log = logging.getLogger("xcompile")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def cmd_export_model(args) -> int:
+    from xcompile.models import BuiltinSpec, export_onnx
+
+    spec = BuiltinSpec(name=args.name, seed=args.seed, input_size=args.input_size,
+                       batch=args.batch, weights=args.weights)
+    path = export_onnx(spec, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    import targets
+
+    rows = []
+    for name in targets.names():
+        try:
+            preset = targets.resolve(name)
+        except XCompileError as e:  # ``host`` on a machine no preset fits
+            rows.append({"name": name, "error": str(e)})
+            continue
+        rows.append({**preset.to_json(), "name": name, "description": preset.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']:<12} ({row['error']})")
+            continue
+        tgt = json.dumps(row["target"])
+        host = f" host={json.dumps(row['host'])}" if "host" in row else ""
+        print(f"{row['name']:<12} {row['description']}\n{'':<12} {tgt}{host}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from xcompile.build import build, resolve_options
+
+    opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
+                           output=args.output)
+    manifest = build(opts)
+    rules = {}
+    for k in manifest["kernels"]:
+        rules[k["rule"]] = rules.get(k["rule"], 0) + 1
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(rules.items()))
+    print(f"built {opts.output} ({manifest['target']['name']}, "
+          f"{len(manifest['kernels'])} kernels: {summary}) in {manifest['build_seconds']} s")
+    return 0
+
+
+def _top5(output) -> list[str]:
+    import numpy as np
+
+    logits = np.asarray(output, dtype=np.float64).reshape(output.shape[0], -1)
+    lines = []
+    for i, row in enumerate(logits[:4]):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        top = np.argsort(-p)[:5]
+        lines.append(f"sample {i}: " + ", ".join(f"class {c} ({p[c]:.4f})" for c in top))
+    if logits.shape[0] > 4:
+        lines.append(f"... {logits.shape[0] - 4} more samples")
+    return lines
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from xcompile import reference, runtime
+    from xcompile.files import save_npy
+
+    predictor = runtime.load(args.build)
+    x = reference.make_input(predictor.input, args.input)
+    times = []
+    out = None
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        out = predictor(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    first = out[0] if isinstance(out, list) else out
+    for line in _top5(first):
+        print(line)
+    times.sort()
+    print(f"latency: median {times[len(times) // 2]:.3f} ms, min {times[0]:.3f} ms "
+          f"over {args.repeat} runs")
+    if args.output:
+        save_npy(args.output, first)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from xcompile.errors import VerificationError
+    from xcompile.verify import verify
+
+    results = verify(args.build, model=args.model, input_path=args.input, rtol=args.rtol)
+    for c in results:
+        status = "ok" if c.passed else "FAIL"
+        print(f"{c.name}: max abs error {c.max_abs:.3e}, max relative error "
+              f"{c.max_rel:.3e} (tolerance {c.rtol:.0e}) {status}")
+    failed = [c.name for c in results if not c.passed]
+    if failed:
+        raise VerificationError(f"output {', '.join(failed)} differs from ONNX Runtime "
+                                f"beyond {args.rtol:.0e}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from xcompile.bench import bench, format_table
+    from xcompile.files import atomic_path
+
+    result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
+                   warmup=args.warmup, with_torch=not args.no_torch)
+    print(format_table(result))
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    import targets
+
+    p = argparse.ArgumentParser(prog="xcompile", description=(
+        "Compile ONNX CNNs (Xception built in) with Apache TVM for x86, ARM and CUDA."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("export-model", help="write the built-in Xception as ONNX")
+    s.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
+    s.add_argument("--name", default="xception", help="built-in model (default: xception)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    s.add_argument("--weights", metavar="FILE.pth", help="checkpoint in timm's layout")
+    s.add_argument("--input-size", type=_positive, default=299, metavar="N")
+    s.add_argument("--batch", type=_positive, default=1, metavar="N")
+    s.set_defaults(func=cmd_export_model)
+
+    s = sub.add_parser("targets", help="list the target presets")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_targets)
+
+    s = sub.add_parser("build", help="compile a model into a build folder")
+    s.add_argument("--model", metavar="FILE.onnx",
+                   help="ONNX model (default: built-in Xception, seed 0, 299x299)")
+    s.add_argument("--target", default=targets.HOST, metavar="NAME",
+                   help=f"target preset (default: host); one of {', '.join(targets.names())}")
+    s.add_argument("--batch", type=_positive, metavar="N", help="input batch size")
+    s.add_argument("-o", "--output", metavar="DIR",
+                   help="build folder (default: build/<model>-<target>-b<batch>)")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("run", help="run a build on an input, print top-5 and latency")
+    s.add_argument("build", metavar="DIR")
+    s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
+    s.add_argument("--output", metavar="FILE.npy", help="write the first output here")
+    s.add_argument("--repeat", type=_positive, default=1, metavar="N")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("verify", help="compare a build with ONNX Runtime")
+    s.add_argument("build", metavar="DIR")
+    s.add_argument("--model", metavar="FILE.onnx", help="the ONNX file (default: the build's)")
+    s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
+    s.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (1e-4)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("bench", help="time a build against ONNX Runtime and PyTorch")
+    s.add_argument("build", metavar="DIR")
+    s.add_argument("--model", metavar="FILE.onnx", help="the ONNX file (default: the build's)")
+    s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
+    s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
+    s.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds")
+    s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except XCompileError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unforeseen TVM failure: still one line
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: unexpected {type(e).__name__}: {first} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 3

@@ -1,0 +1,16 @@
+"""The one exception type that reaches users as a one-line message."""
+
+
+class XCompileError(Exception):
+    """A problem with the user's input or environment, stated in one line.
+
+    The CLI prints ``error: <message>`` and exits non-zero; library callers can catch it.
+    """
+
+    exit_code = 2
+
+
+class VerificationError(XCompileError):
+    """Compiled output differs from the reference beyond tolerance."""
+
+    exit_code = 1

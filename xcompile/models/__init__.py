@@ -1,0 +1,5 @@
+"""Built-in models: PyTorch definitions, seeded weights, ONNX export."""
+
+from .export import BUILTIN_MODELS, BuiltinSpec, export_onnx, make_torch_model
+
+__all__ = ["BUILTIN_MODELS", "BuiltinSpec", "export_onnx", "make_torch_model"]

@@ -1,0 +1,152 @@
+"""Create the built-in models (seeded or from a checkpoint) and export them to ONNX."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from xcompile.errors import XCompileError
+from xcompile.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+# Spatial size of the batch that calibrates the seeded batch-norm statistics.
+_CALIBRATION_SHAPE = (2, 3, 147, 147)
+
+
+def _xception():
+    from .xception import Xception
+
+    return Xception()
+
+
+BUILTIN_MODELS = {"xception": _xception}
+MIN_INPUT_SIZE = {"xception": 71}
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """Everything that determines a built-in model's ONNX file."""
+
+    name: str = "xception"
+    seed: int = 0
+    input_size: int = 299
+    batch: int = 1
+    weights: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is a declared dependency
+        raise XCompileError("the built-in models need PyTorch: pip install torch==2.13.0") from e
+    return torch
+
+
+def _seed_weights(model, seed: int) -> None:
+    """Deterministic random weights for ``seed``, with batch-norm statistics calibrated so
+    that every normalized activation has roughly zero mean and unit variance.
+
+    Weights come from torch's CPU generator (identical across machines). The statistics
+    are measured in float64 on one seeded batch, so they too are reproducible across CPUs.
+    """
+    torch = _torch()
+    nn = torch.nn
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init over fan-out, as timm does for this model.
+                fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=gen)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one batch gives its exact statistics
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=gen)
+                m.bias.uniform_(-bound, bound, generator=gen)
+        x = torch.randn(_CALIBRATION_SHAPE, generator=gen, dtype=torch.float64)
+        model.double().train()
+        model(x)
+        model.float().eval()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+
+
+def _load_weights(model, path: str) -> None:
+    torch = _torch()
+    if not os.path.isfile(path):
+        raise XCompileError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise XCompileError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise XCompileError(f"{path} holds no state dict")
+    fc = state.get("fc.weight")
+    if fc is not None and fc.shape[0] != model.fc.out_features:
+        model.fc = torch.nn.Linear(model.fc.in_features, fc.shape[0])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise XCompileError(
+            f"{path} does not match the model's layout: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    model.eval()
+
+
+def make_torch_model(spec: BuiltinSpec):
+    """The PyTorch model ``spec`` describes, in eval mode."""
+    if spec.name not in BUILTIN_MODELS:
+        raise XCompileError(f"unknown built-in model {spec.name!r}; "
+                            f"choose one of: {', '.join(BUILTIN_MODELS)}")
+    _torch()
+    model = BUILTIN_MODELS[spec.name]()
+    if spec.weights:
+        _load_weights(model, spec.weights)
+    else:
+        _seed_weights(model, spec.seed)
+    return model
+
+
+def export_onnx(spec: BuiltinSpec, out: str | os.PathLike) -> Path:
+    """Write ``spec``'s model as ONNX (opset 17, static input shape) to ``out``.
+
+    The same spec always gives the same bytes. The file appears only when complete.
+    """
+    torch = _torch()
+    if spec.batch < 1:
+        raise XCompileError(f"batch must be >= 1, got {spec.batch}")
+    low = MIN_INPUT_SIZE.get(spec.name, 1)
+    if spec.input_size < low:
+        raise XCompileError(f"{spec.name} needs an input size of at least {low}, "
+                            f"got {spec.input_size}")
+    model = make_torch_model(spec)
+    example = torch.zeros(spec.batch, 3, spec.input_size, spec.input_size)
+    out = Path(out)
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
+        # onnxscript; this one folds batch norm into the convolutions, as we want.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    log.info("wrote %s (%s, seed %d, %dx%d, batch %d)", out, spec.name, spec.seed,
+             spec.input_size, spec.input_size, spec.batch)
+    return out

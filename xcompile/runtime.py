@@ -1,0 +1,129 @@
+"""Load a build folder and run it, with nothing but the TVM runtime.
+
+This module imports no TVM compiler component: it works with ``TVM_USE_RUNTIME_LIB=1`` or a
+TVM package stripped of ``libtvm_compiler.so``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from xcompile import manifest as mf
+from xcompile.errors import XCompileError
+from xcompile.manifest import TensorInfo
+
+log = logging.getLogger(__name__)
+
+_CUDA_LOADED = False
+
+
+def _tvm():
+    try:
+        import tvm
+    except ImportError as e:
+        raise XCompileError("the TVM runtime is not installed: pip install "
+                            "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1") from e
+    return tvm
+
+
+def _load_cuda_runtime() -> None:
+    """Register TVM's CUDA device API (it lives in its own library, loaded on demand)."""
+    global _CUDA_LOADED
+    if _CUDA_LOADED:
+        return
+    tvm = _tvm()
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
+                        extra_lib_paths=tvm.libinfo.package_lib_paths())
+    except (OSError, RuntimeError) as e:
+        raise XCompileError("this module runs on CUDA, but TVM's CUDA runtime cannot load "
+                            f"here: {str(e).strip().splitlines()[0]}") from e
+    _CUDA_LOADED = True
+
+
+class Predictor:
+    """A loaded build: call it with a numpy array, get the output(s) as numpy.
+
+    Weights are uploaded to the device once, at load time.
+    """
+
+    def __init__(self, folder: str | Path, device_id: int = 0):
+        tvm = _tvm()
+        self.folder = Path(folder)
+        self.manifest = mf.read_manifest(self.folder)
+        m = self.manifest
+        self.input = TensorInfo.from_json(m["inputs"][0])
+        self.outputs = [TensorInfo.from_json(o) for o in m["outputs"]]
+        device = m["target"]["device"]
+        arch = m["target"]["arch"]
+        from targets import detect_arch
+
+        if arch != detect_arch():
+            raise XCompileError(f"{self.folder} was built for {arch}; this machine is "
+                                f"{detect_arch()} (run it there, or under emulation)")
+        if device == "cuda":
+            _load_cuda_runtime()
+        module_path = self.folder / m["module"]
+        params_path = self.folder / m["params"]["file"]
+        for p in (module_path, params_path):
+            if not p.is_file():
+                raise XCompileError(f"{self.folder} is incomplete: {p.name} is missing")
+        self.device = tvm.device(device, device_id)
+        if not self.device.exist:
+            raise XCompileError(f"no {device} device {device_id} on this machine")
+        try:
+            lib = tvm.runtime.load_module(str(module_path))
+        except Exception as e:
+            raise XCompileError(f"cannot load {module_path}: "
+                                f"{str(e).strip().splitlines()[0]}") from e
+        try:
+            params = tvm.runtime.load_param_dict(params_path.read_bytes())
+        except Exception as e:
+            raise XCompileError(f"cannot read {params_path}: "
+                                f"{str(e).strip().splitlines()[0]}") from e
+        names = m["params"]["names"]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise XCompileError(f"{params_path} lacks {len(missing)} weights "
+                                f"(first: {missing[0]})")
+        self._vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        self._main = self._vm["main"]
+        self._params = [tvm.runtime.tensor(params[n].numpy(), self.device) for n in names]
+
+    def check_input(self, x) -> np.ndarray:
+        """``x`` as an array of the model's input shape and dtype, or a clear error."""
+        x = np.asarray(x)
+        want = self.input
+        if tuple(x.shape) != want.shape:
+            raise XCompileError(f"input shape {tuple(x.shape)} does not match the model's "
+                                f"{want.name!r} {want.shape}")
+        if str(x.dtype) != want.dtype:
+            raise XCompileError(f"input dtype {x.dtype} does not match the model's "
+                                f"{want.name!r} {want.dtype}")
+        return np.ascontiguousarray(x)
+
+    def run_device(self, x_dev):
+        """Run on an input already on the device; returns device tensor(s)."""
+        return self._main(x_dev, *self._params)
+
+    def to_device(self, x):
+        return _tvm().runtime.tensor(self.check_input(x), self.device)
+
+    def sync(self) -> None:
+        self.device.sync()
+
+    def __call__(self, x):
+        out = self.run_device(self.to_device(x))
+        if len(self.outputs) == 1:
+            return out.numpy()
+        return [o.numpy() for o in out]
+
+
+def load(folder: str | Path, device_id: int = 0) -> Predictor:
+    """Load a build folder made by ``xcompile build``."""
+    return Predictor(folder, device_id)

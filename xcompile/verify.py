@@ -1,0 +1,61 @@
+"""Verify a build against ONNX Runtime on the same ONNX file and input."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from xcompile import reference, runtime
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RTOL = 1e-4  # fp32
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How one output differs from the reference.
+
+    ``max_rel`` is the largest absolute difference relative to the reference's largest
+    magnitude (a norm-wise relative error, stable where single values cross zero).
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    rtol: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.rtol
+
+
+def compare(name: str, ours: np.ndarray, ref: np.ndarray, rtol: float) -> Comparison:
+    """Compare two arrays of the same shape."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        return Comparison(name, float("inf"), float("inf"), rtol)
+    max_abs = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return Comparison(name, max_abs, max_rel, rtol)
+
+
+def verify(folder, model: str | None = None, input_path: str | None = None,
+           rtol: float = DEFAULT_RTOL, seed: int = 0) -> list[Comparison]:
+    """Run the build and ONNX Runtime on the same input; one comparison per output."""
+    predictor = runtime.load(folder)
+    model_path = reference.reference_model(predictor.manifest, model)
+    x = reference.make_input(predictor.input, input_path, seed)
+    session = reference.ort_session(model_path, predictor.input)
+    refs = session.run(None, {predictor.input.name: x})
+    ours = predictor(x)
+    ours = ours if isinstance(ours, list) else [ours]
+    results = [compare(info.name, o, r, rtol)
+               for info, o, r in zip(predictor.outputs, ours, refs)]
+    for c in results:
+        log.debug("%s: max abs %.3g, max rel %.3g", c.name, c.max_abs, c.max_rel)
+    return results
