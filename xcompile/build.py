@@ -117,15 +117,20 @@ def _export(executable, preset, path: Path) -> None:
     executable.export_library(str(path), **kwargs)
 
 
-def build(opts: BuildOptions) -> dict:
-    """Compile ``opts.model`` for ``opts.target`` into ``opts.output``; return the manifest.
+@dataclass
+class Compiled:
+    """A compiled model, before it is written to a build folder."""
 
-    The output folder appears only when the build succeeded.
-    """
+    preset: object  # targets.Preset
+    imported: frontend.ImportedModel
+    executable: object  # tvm.relax.VMExecutable
+    kernels: dict[str, str]  # kernel name -> the rule that scheduled it
+
+
+def compile_model(opts: BuildOptions) -> Compiled:
+    """Import, optimize and compile ``opts.model`` for ``opts.target``."""
     import tvm
 
-    start = time.perf_counter()
-    log.info("build options: %s", opts.describe())
     preset = targets.resolve(opts.target)
     check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
@@ -137,22 +142,37 @@ def build(opts: BuildOptions) -> dict:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
+    return Compiled(preset, imported, executable, kernels)
+
+
+def build(opts: BuildOptions) -> dict:
+    """Compile ``opts.model`` for ``opts.target`` into ``opts.output``; return the manifest.
+
+    The output folder appears only when the build succeeded.
+    """
+    import tvm
+
+    start = time.perf_counter()
+    log.info("build options: %s", opts.describe())
+    c = compile_model(opts)
     with atomic_dir(opts.output) as tmp:
-        _export(executable, preset, tmp / mf.MODULE)
-        params = dict(zip(imported.param_names, imported.params))
+        _export(c.executable, c.preset, tmp / mf.MODULE)
+        params = dict(zip(c.imported.param_names, c.imported.params))
         (tmp / mf.PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
         manifest = {
             "model": {"path": str(Path(opts.model).resolve()),
                       "sha256": sha256_file(opts.model),
                       "builtin": opts.builtin.to_json() if opts.builtin else None},
-            "inputs": [imported.input.to_json()],
-            "outputs": [o.to_json() for o in imported.outputs],
-            "target": preset.to_json(),
+            "inputs": [c.imported.input.to_json()],
+            "outputs": [o.to_json() for o in c.imported.outputs],
+            "target": c.preset.to_json(),
             "versions": _versions(),
             "options": asdict(opts),
             "module": mf.MODULE,
-            "params": {"file": mf.PARAMS, "names": imported.param_names},
-            "kernels": [{"name": k, "rule": r} for k, r in sorted(kernels.items())],
+            "params": {"file": mf.PARAMS, "names": c.imported.param_names},
+            "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
+            # Checked before loading: dlopen of a damaged .so can crash the process.
+            "sha256": {name: sha256_file(tmp / name) for name in (mf.MODULE, mf.PARAMS)},
             "build_seconds": round(time.perf_counter() - start, 2),
         }
         mf.write_manifest(tmp, manifest)

@@ -13,6 +13,7 @@ import numpy as np
 
 from xcompile import manifest as mf
 from xcompile.errors import XCompileError
+from xcompile.files import sha256_file
 from xcompile.manifest import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class Predictor:
         for p in (module_path, params_path):
             if not p.is_file():
                 raise XCompileError(f"{self.folder} is incomplete: {p.name} is missing")
+            # A truncated or damaged .so can kill the process inside dlopen (SIGBUS).
+            if sha256_file(p) != m["sha256"][p.name]:
+                raise XCompileError(f"{p} is damaged or was changed after the build "
+                                    f"(SHA-256 differs from the manifest)")
         self.device = tvm.device(device, device_id)
         if not self.device.exist:
             raise XCompileError(f"no {device} device {device_id} on this machine")
@@ -91,7 +96,10 @@ class Predictor:
         if missing:
             raise XCompileError(f"{params_path} lacks {len(missing)} weights "
                                 f"(first: {missing[0]})")
-        self._vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        # Imported explicitly: runtime-only TVM does not load the submodule by itself.
+        from tvm.runtime import vm as tvm_vm
+
+        self._vm = tvm_vm.VirtualMachine(lib, self.device)
         self._main = self._vm["main"]
         self._params = [tvm.runtime.tensor(params[n].numpy(), self.device) for n in names]
 

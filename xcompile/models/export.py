@@ -103,6 +103,13 @@ def _load_weights(model, path: str) -> None:
     fc = state.get("fc.weight")
     if fc is not None and fc.shape[0] != model.fc.out_features:
         model.fc = torch.nn.Linear(model.fc.in_features, fc.shape[0])
+    own = model.state_dict()
+    wrong = [k for k, v in state.items()
+             if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise XCompileError(f"{path} does not match the model's layout: {wrong[0]} has shape "
+                            f"{tuple(state[wrong[0]].shape)}, the model's is "
+                            f"{tuple(own[wrong[0]].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise XCompileError(

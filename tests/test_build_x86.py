@@ -1,0 +1,124 @@
+"""x86 builds against ONNX Runtime on the same ONNX file and input (fp32, rtol 1e-4)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import max_rel_err, ort_run, run_cli
+from xcompile import runtime
+from xcompile.build import build, resolve_options
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def xception71_build(xception71_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "x71"
+    build(resolve_options(model=str(xception71_onnx), target="host", output=str(out)))
+    return out
+
+
+def test_xception_small_input_matches_onnxruntime(xception71_onnx, xception71_build):
+    x = np.random.default_rng(0).standard_normal((1, 3, 71, 71), dtype=np.float32)
+    ours = runtime.load(xception71_build)(x)
+    ref = ort_run(xception71_onnx, x)
+    assert ours.shape == (1, 1000)
+    assert max_rel_err(ours, ref) < RTOL
+    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+def test_manifest_records_the_build(xception71_onnx, xception71_build):
+    m = json.loads((xception71_build / "manifest.json").read_text())
+    import hashlib
+
+    assert m["model"]["sha256"] == hashlib.sha256(xception71_onnx.read_bytes()).hexdigest()
+    assert m["inputs"] == [{"name": "input", "shape": [1, 3, 71, 71], "dtype": "float32"}]
+    assert m["outputs"] == [{"name": "logits", "shape": [1, 1000], "dtype": "float32"}]
+    assert m["target"]["target"]["kind"] == "llvm"
+    assert m["versions"]["tvm"].startswith("0.27")
+    assert m["versions"]["tvm_ffi"] == "0.1.14.post1"
+    assert m["build_seconds"] > 0
+    names = {k["name"] for k in m["kernels"]}
+    # Fusion ran: convolutions carry their bias/ReLU epilogues in one kernel.
+    assert any(n.startswith("fused_conv2d") for n in names), names
+    assert all(k["rule"] for k in m["kernels"])
+    assert len(m["params"]["names"]) == 116
+
+
+def test_batch_override(xception71_onnx, tmp_path):
+    out = tmp_path / "b3"
+    build(resolve_options(model=str(xception71_onnx), target="host", batch=3,
+                          output=str(out)))
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
+
+
+def test_non_xception_cnn_builds_and_verifies(mobile_onnx, tmp_path):
+    """Depthwise 5x5, stride 2, channel multiplier 2, SiLU, batch 2."""
+    out = tmp_path / "mobile"
+    proc = run_cli("build", "--model", str(mobile_onnx), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    ours = runtime.load(out)(x)
+    ref = ort_run(mobile_onnx, x)
+    assert max_rel_err(ours, ref) < RTOL
+    np.save(tmp_path / "x.npy", x)
+    proc = run_cli("verify", str(out), "--input", str(tmp_path / "x.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert "max relative error" in proc.stdout
+
+
+def test_verify_fails_above_tolerance(mobile_onnx, tmp_path):
+    """verify is not a rubber stamp: a build whose weights were altered fails it."""
+    import tvm
+
+    out = tmp_path / "tampered"
+    build(resolve_options(model=str(mobile_onnx), output=str(out)))
+    m = json.loads((out / "manifest.json").read_text())
+    params = tvm.runtime.load_param_dict((out / "params.bin").read_bytes())
+    first = m["params"]["names"][0]
+    arr = params[first].numpy()
+    params = {k: v for k, v in params.items()}
+    params[first] = tvm.runtime.tensor(arr * 1.01)
+    (out / "params.bin").write_bytes(tvm.runtime.save_param_dict(params))
+    # Record the altered weights as the build's own, as a miscompiled build would be.
+    import hashlib
+
+    m["sha256"]["params.bin"] = hashlib.sha256((out / "params.bin").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL" in proc.stdout
+
+
+@pytest.mark.slow
+def test_default_build_299_verifies_from_cli(tmp_path):
+    """The main job: no-argument build (built-in Xception, 299x299, host), then verify."""
+    out = tmp_path / "default"
+    proc = run_cli("build", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "build options:" in proc.stderr
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rel = float(proc.stdout.split("max relative error")[1].split()[0])
+    assert rel < RTOL
+    proc = run_cli("run", str(out), "--output", str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("class ") == 5
+    assert np.load(tmp_path / "y.npy").shape == (1, 1000)
+
+
+def test_bench_reports_ratio(mobile_onnx, tmp_path):
+    out = tmp_path / "mb"
+    build(resolve_options(model=str(mobile_onnx), output=str(out)))
+    proc = run_cli("bench", str(out), "--repeat", "3", "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    backends = [t["backend"] for t in result["timings"]]
+    assert backends == ["xcompile", "onnxruntime"]
+    assert all(len(t["samples_ms"]) == 3 and t["median_ms"] > 0 for t in result["timings"])
+    ours, ort = (t["median_ms"] for t in result["timings"])
+    assert result["ratios"]["onnxruntime"] == pytest.approx(ours / ort, rel=1e-3)
+    assert "xcompile / onnxruntime" in proc.stdout
