@@ -71,11 +71,15 @@ class Predictor:
             _load_cuda_runtime()
         module_path = self.folder / m["module"]
         params_path = self.folder / m["params"]["file"]
+        sums = m.get("sha256")
+        if not isinstance(sums, dict):
+            raise XCompileError(f"{self.folder} has no file checksums (an older build?); "
+                                f"rebuild it")
         for p in (module_path, params_path):
             if not p.is_file():
                 raise XCompileError(f"{self.folder} is incomplete: {p.name} is missing")
             # A truncated or damaged .so can kill the process inside dlopen (SIGBUS).
-            if sha256_file(p) != m["sha256"][p.name]:
+            if sha256_file(p) != sums.get(p.name):
                 raise XCompileError(f"{p} is damaged or was changed after the build "
                                     f"(SHA-256 differs from the manifest)")
         self.device = tvm.device(device, device_id)
