@@ -19,11 +19,24 @@ UNSCHEDULED = "unscheduled"
 
 # family -> list of factories, in priority order; filled by the family modules.
 _FACTORIES: dict[str, list[Callable[[], object]]] = {}
+# family -> desired layouts for relax.transform.ConvertLayout (absent: keep the model's).
+_LAYOUTS: dict[str, dict[str, list[str]]] = {}
 
 
 def register(family: str, factory: Callable[[], object]) -> None:
     """Append a rule factory to ``family``'s list (call order is priority order)."""
     _FACTORIES.setdefault(family, []).append(factory)
+
+
+def register_layout(family: str, layouts: dict[str, list[str]]) -> None:
+    """Set the graph layout ``family``'s rules are written for (ConvertLayout's format)."""
+    _LAYOUTS[family] = layouts
+
+
+def layout_for(family: str) -> dict[str, list[str]] | None:
+    """The graph layout ``family``'s rules expect, or None to keep the model's layout."""
+    _load_families()
+    return _LAYOUTS.get(family)
 
 
 def rules_for(family: str) -> list:
@@ -39,7 +52,7 @@ def rule_name(rule) -> str:
 
 def _load_families() -> None:
     # Importing a family module registers its rules.
-    from . import cuda  # noqa: F401
+    from . import cpu, cuda  # noqa: F401
 
 
 def apply_rules(rules: list):

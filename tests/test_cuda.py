@@ -48,7 +48,8 @@ def test_cuda_xception_kernels_bound_to_threads(xception71_onnx):
 
     preset = targets.resolve("cuda")
     imported = frontend.import_onnx(frontend.load_onnx(xception71_onnx))
-    mod, kernels = pipeline.optimize(imported.mod, preset)
+    opt = pipeline.optimize(imported.mod, preset)
+    mod, kernels = opt.mod, opt.kernels
     funcs = {gv.name_hint: f for gv, f in mod.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc)}
     assert len(funcs) > 20
@@ -56,8 +57,8 @@ def test_cuda_xception_kernels_bound_to_threads(xception71_onnx):
         assert kernels[name] != schedules.UNSCHEDULED, name
         assert _thread_bound(func), f"{name} is not bound to threads"
     # The check itself can fail: the same kernels without rules bind nothing.
-    plain, _ = pipeline.optimize(imported.mod, preset, rules=[])
-    assert not any(_thread_bound(f) for _, f in plain.functions_items()
+    unscheduled = pipeline.lowering_passes()(pipeline.graph_passes(None)(imported.mod))
+    assert not any(_thread_bound(f) for _, f in unscheduled.functions_items()
                    if isinstance(f, tvm.tirx.PrimFunc))
 
 

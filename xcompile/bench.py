@@ -15,6 +15,9 @@ from xcompile.errors import XCompileError
 log = logging.getLogger(__name__)
 
 OURS = "xcompile"
+# Pause between backends: thread pools (TVM's, ONNX Runtime's, OpenMP's) spin-wait for a
+# while after each run, and a spinning pool steals cores from the next backend.
+SETTLE_S = 0.05
 
 
 @dataclass
@@ -108,6 +111,7 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
             run()
     for i in range(repeat):
         for name, (run, _) in runners.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             run()
             timings[name].samples_ms.append((time.perf_counter() - t0) * 1e3)
@@ -124,6 +128,47 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
         "ratios": {name: round(ours / t.median_ms, 4)
                    for name, t in timings.items() if name != OURS},
     }
+
+
+def profile(folder, input_path: str | None = None, repeat: int = 3) -> list[dict]:
+    """Time every kernel call of the build (device-synchronized), summed per kernel over
+    ``repeat`` runs; kernels slowest first, each with the rule that scheduled it."""
+    predictor = runtime.load(folder)
+    rules = {k["name"]: k["rule"] for k in predictor.manifest["kernels"]}
+    x_dev = predictor.to_device(reference.make_input(predictor.input, input_path))
+    predictor.run_device(x_dev)  # warm up before timing
+    totals: dict[str, list[float]] = {}
+    started: list[float] = []
+
+    def instrument(_func, symbol, before_run, _ret, *_args):
+        if before_run:
+            predictor.sync()
+            started.append(time.perf_counter())
+        else:
+            predictor.sync()
+            totals.setdefault(str(symbol), []).append(time.perf_counter() - started.pop())
+        return 0  # VMInstrumentReturnKind.kNoOp
+
+    predictor.set_instrument(instrument)
+    try:
+        for _ in range(repeat):
+            predictor.run_device(x_dev)
+    finally:
+        predictor.set_instrument(None)
+    whole = sum(sum(v) for v in totals.values()) or 1.0
+    rows = [{"kernel": name, "rule": rules.get(name, "(runtime builtin)"),
+             "calls": len(v) // repeat, "ms_per_run": sum(v) / repeat * 1e3,
+             "share": sum(v) / whole} for name, v in totals.items()]
+    return sorted(rows, key=lambda r: -r["ms_per_run"])
+
+
+def format_profile(rows: list[dict], top: int = 10) -> str:
+    """The ``top`` slowest kernels as a table."""
+    lines = [f"{'kernel':<36} {'rule':<24} {'calls':>5} {'ms/run':>8} {'share':>6}"]
+    for r in rows[:top]:
+        lines.append(f"{r['kernel'][:36]:<36} {r['rule'][:24]:<24} {r['calls']:>5} "
+                     f"{r['ms_per_run']:>8.3f} {r['share'] * 100:>5.1f}%")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -34,13 +34,14 @@ class BuildOptions:
     target: str  # preset name as the user gave it
     batch: int | None  # input batch override; None keeps the model's
     output: str
+    custom_schedules: bool = True  # False: TVM's plain path, for comparison
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
               f"{self.builtin.input_size}x{self.builtin.input_size})" if self.builtin else ""
         return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
                 f"batch={self.batch if self.batch is not None else 'from model'} "
-                f"output={self.output}")
+                f"custom_schedules={self.custom_schedules} output={self.output}")
 
 
 def cache_dir() -> Path:
@@ -62,7 +63,8 @@ def builtin_onnx(spec: BuiltinSpec) -> Path:
 
 
 def resolve_options(model: str | None = None, target: str = targets.HOST,
-                    batch: int | None = None, output: str | None = None) -> BuildOptions:
+                    batch: int | None = None, output: str | None = None,
+                    custom_schedules: bool = True) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
     if batch is not None and batch < 1:
         raise XCompileError(f"--batch must be >= 1, got {batch}")
@@ -83,7 +85,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         raise XCompileError(f"output {output} exists and is not a folder")
     writable_parent(Path(output))
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
-                        output=output)
+                        output=output, custom_schedules=custom_schedules)
 
 
 def _versions() -> dict:
@@ -125,6 +127,8 @@ class Compiled:
     imported: frontend.ImportedModel
     executable: object  # tvm.relax.VMExecutable
     kernels: dict[str, str]  # kernel name -> the rule that scheduled it
+    weights: list  # what ``main`` takes after the input: transformed at build time
+    weight_names: list[str]
 
 
 def compile_model(opts: BuildOptions) -> Compiled:
@@ -135,14 +139,18 @@ def compile_model(opts: BuildOptions) -> Compiled:
     check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
-    mod, kernels = pipeline.optimize(imported.mod, preset)
-    log.info("compiling %d kernels for %s", len(kernels), preset.name)
+    opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules)
+    log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     try:
-        executable = tvm.compile(mod, target=preset.tvm_target())
+        executable = tvm.compile(opt.mod, target=preset.tvm_target())
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
-    return Compiled(preset, imported, executable, kernels)
+    log.info("transforming weights (layouts, packed panels)")
+    weights = pipeline.transform_weights(opt.weight_stages, imported.params)
+    # By position: the lifted weights' variable names need not be unique.
+    names = [f"w{i:04d}" for i in range(len(opt.mod["main"].params) - 1)]
+    return Compiled(preset, imported, executable, opt.kernels, weights, names)
 
 
 def build(opts: BuildOptions) -> dict:
@@ -157,7 +165,7 @@ def build(opts: BuildOptions) -> dict:
     c = compile_model(opts)
     with atomic_dir(opts.output) as tmp:
         _export(c.executable, c.preset, tmp / mf.MODULE)
-        params = dict(zip(c.imported.param_names, c.imported.params))
+        params = dict(zip(c.weight_names, c.weights))
         (tmp / mf.PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
         manifest = {
             "model": {"path": str(Path(opts.model).resolve()),
@@ -169,7 +177,8 @@ def build(opts: BuildOptions) -> dict:
             "versions": _versions(),
             "options": asdict(opts),
             "module": mf.MODULE,
-            "params": {"file": mf.PARAMS, "names": c.imported.param_names},
+            "params": {"file": mf.PARAMS, "names": c.weight_names,
+                       "onnx_names": c.imported.param_names},
             "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
             # Checked before loading: dlopen of a damaged .so can crash the process.
             "sha256": {name: sha256_file(tmp / name) for name in (mf.MODULE, mf.PARAMS)},

@@ -139,6 +139,13 @@ def cmd_bench(args) -> int:
     result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
                    warmup=args.warmup, with_torch=not args.no_torch)
     print(format_table(result))
+    if args.profile:
+        from xcompile.bench import format_profile, profile
+
+        rows = profile(args.build, input_path=args.input)
+        result["profile"] = rows
+        print(f"\ntop kernels by time ({len(rows)} kernels):")
+        print(format_profile(rows))
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -200,6 +207,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
     s.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds")
     s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    s.add_argument("--profile", action="store_true",
+                   help="also time each kernel and show the 10 slowest with their rules")
     s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     s.set_defaults(func=cmd_bench)
     return p

@@ -1,57 +1,136 @@
-"""Graph passes and scheduling: the Relax module from the front end becomes a module
-whose every kernel is scheduled for the target, ready for ``tvm.compile``.
+"""Graph passes and scheduling: the Relax module from the front end becomes a deployable
+``main`` whose every kernel is scheduled for the target, plus the weight transforms that
+run once, at build time.
 
 Stages, in order:
-1. graph passes: inference-only decomposition (batch norm), operator legalization to TIR,
-   constant folding, and fusion of each heavy op with the elementwise ops after it (the
-   "zero" pipeline of ``relax.pipeline``, spelled out so our own graph passes slot in);
-2. scheduling: each kernel gets the first matching rule of the target's family from
-   ``schedules``; kernels no rule matches keep TVM's default lowering.
+1. graph passes: inference-only decomposition (batch norm), the layout the target
+   family's schedules are written for (NHWC for CPUs), and lifting of every computation
+   on weights alone (layout changes of the weights) out of ``main``;
+2. lowering: operator legalization to TIR, constant folding, and fusion of each heavy op
+   with the elementwise ops after it (the "zero" pipeline of ``relax.pipeline``);
+3. scheduling: each kernel gets the first matching rule of the family from
+   ``schedules``; kernels no rule matches keep TVM's default lowering;
+4. weight packing: layout-rewrite blocks the rules placed on weights (packed GEMM
+   panels) are split out of the kernels and lifted like stage 1's transforms.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+LIFTED = "main_transform_params"  # the name relax.transform.LiftTransformParams gives
 
-def graph_passes():
-    """The target-independent Relax passes, as one Sequential."""
+
+@dataclass
+class Optimized:
+    """The result of :func:`optimize`.
+
+    ``mod`` holds ``main(input, *weights)``; ``weight_stages`` are modules whose
+    ``main_transform_params`` maps a tuple of weights to the next stage's, the last to
+    the tuple ``mod``'s main takes; ``kernels`` maps kernel names to the rule that scheduled each.
+    """
+
+    mod: object
+    weight_stages: list
+    kernels: dict[str, str]
+
+
+def _lift_weights(mod):
+    """Split ``mod`` into (main with transformed weights, module of the transform)."""
+    import tvm
+    from tvm import relax
+
+    mod = tvm.IRModule(dict(mod.functions_items()))
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    mod = relax.transform.LiftTransformParams()(mod)
+    dce = relax.transform.DeadCodeElimination
+    # Keep the GlobalVar objects: function bodies refer to them, not to names. The stage
+    # takes only what the transform calls (DCE keeps unreferenced PrimFuncs, and those
+    # may be scheduled for a GPU while the stage runs on this CPU).
+    lifted_gv = mod.get_global_var(LIFTED)
+    called = {lifted_gv}
+    relax.analysis.post_order_visit(
+        mod[LIFTED], lambda e: called.add(e) if isinstance(e, tvm.ir.GlobalVar) else None)
+    stage = tvm.IRModule({gv: mod[gv] for gv in called})
+    main_only = tvm.IRModule({gv: f for gv, f in dce(["main"])(mod).functions_items()
+                              if gv.name_hint != LIFTED})
+    main_only["main"] = main_only["main"].without_attr("num_input")
+    return main_only, stage
+
+
+def graph_passes(layout: dict | None):
+    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied."""
+    import tvm
+    from tvm import relax
+
+    t = relax.transform
+    passes = [t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
+    if layout:
+        passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
+    return tvm.transform.Sequential(passes, name="xcompile.GraphPasses")
+
+
+def lowering_passes():
+    """Legalize to TIR and fuse, as one Sequential."""
     import tvm
     from tvm import relax
 
     t = relax.transform
     return tvm.transform.Sequential(
-        [
-            t.DecomposeOpsForInference(),
-            t.CanonicalizeBindings(),
-            t.LegalizeOps(),
-            t.AnnotateTIROpPattern(),
-            t.FoldConstant(),
-            t.FuseOps(),
-            t.FuseTIR(),
-            t.DeadCodeElimination(),
-        ],
-        name="xcompile.GraphPasses",
-    )
+        [t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
+         t.FuseTIR(), t.DeadCodeElimination()],
+        name="xcompile.Lowering")
 
 
-def optimize(mod, preset, rules: list | None = None):
-    """Run the graph passes and schedule every kernel for ``preset``.
-
-    ``rules`` defaults to the preset family's rules. Returns ``(mod, kernels)`` where
-    ``kernels`` maps each kernel's name to the rule that scheduled it.
-    """
+def baseline_rules(family: str) -> list:
+    """What TVM itself offers with no custom schedules: nothing on CPUs (naive loops);
+    DLight's GPU rules on CUDA, without which a GPU build does not compile."""
     import schedules
 
+    return schedules.rules_for("cuda") if family == "cuda" else []
+
+
+def optimize(mod, preset, custom_schedules: bool = True) -> Optimized:
+    """Run the stages above for ``preset``; ``custom_schedules=False`` keeps the model's
+    layout and TVM's baseline schedules (the plain path, for comparison)."""
+    import tvm
+    from tvm import relax
+
+    import schedules
+
+    family = preset.family
+    if custom_schedules:
+        rules, layout = schedules.rules_for(family), schedules.layout_for(family)
+    else:
+        rules, layout = baseline_rules(family), None
     target = preset.tvm_target()
-    if rules is None:
-        rules = schedules.rules_for(preset.family)
     with target:
-        mod = graph_passes()(mod)
+        mod = graph_passes(layout)(mod)
+        mod, graph_stage = _lift_weights(mod)
+        mod = lowering_passes()(mod)
         mod = schedules.apply_rules(rules)(mod)
-    kernels = schedules.kernel_rules(mod)
+        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        mod, pack_stage = _lift_weights(mod)
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)
+        # Read after the split: kernels with packed weights are renamed (*_prepacked).
+        kernels = schedules.kernel_rules(mod)
     log.info("%d kernels; %d scheduled by rules", len(kernels),
              sum(r != schedules.UNSCHEDULED for r in kernels.values()))
-    return mod, kernels
+    return Optimized(mod, [graph_stage, pack_stage], kernels)
+
+
+def transform_weights(stages: list, weights: list) -> list:
+    """Apply the weight stages on the CPU of this machine; returns the weights ``main``
+    takes. Runs once per build."""
+    import tvm
+    from tvm import relax
+
+    host = tvm.target.Target({"kind": "llvm"})
+    for stage in stages:
+        executable = tvm.compile(stage, target=host)
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        weights = list(vm[LIFTED](weights))
+    return weights

@@ -7,6 +7,7 @@ TVM package stripped of ``libtvm_compiler.so``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,23 @@ from xcompile.manifest import TensorInfo
 log = logging.getLogger(__name__)
 
 _CUDA_LOADED = False
+
+
+def configure_threads() -> None:
+    """Give TVM's CPU thread pool every core this process may use, unless the user chose.
+
+    TVM halves ``hardware_concurrency()`` on x86 (it assumes hyper-threading), so on a
+    2-vCPU machine it runs one thread; and it pins the calling thread to core 0, which
+    threads started later in the process (ONNX Runtime's, PyTorch's) inherit. The pool
+    reads these variables once, when it starts, so this runs before any kernel does.
+    """
+    from targets import host_cores
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+
+configure_threads()
 
 
 def _tvm():
@@ -128,6 +146,11 @@ class Predictor:
 
     def sync(self) -> None:
         self.device.sync()
+
+    def set_instrument(self, fn) -> None:
+        """Call ``fn(func, symbol, before_run, ret, *args)`` around every VM call (see
+        ``tvm.runtime.vm.VirtualMachine.set_instrument``); ``None`` removes it."""
+        self._vm.set_instrument(fn)
 
     def __call__(self, x):
         out = self.run_device(self.to_device(x))

@@ -1,0 +1,151 @@
+"""Dense NHWC convolution (pointwise 1x1 and full KxK, any stride and padding) as a GEMM.
+
+The output pixels are the GEMM's rows (M = N*H*W), the output channels its columns
+(contiguous in NHWC) and the input channels times the kernel window its depth. The
+schedule is a register-blocked micro-kernel in the BLIS manner:
+
+- the pixel domain is padded to whole chunks (``pad_einsum``), so the hot loop carries no
+  bounds checks, and each chunk's input rows are packed (im2col for KxK) into a
+  ``[tile, K, MR]`` panel while they are hot in cache;
+- weights are packed at build time into ``[F/NR, KH, KW, C, NR]`` panels (a layout-rewrite
+  block that the pipeline lifts into the weight transform), so each panel is contiguous;
+- MR x NR accumulators stay in vector registers across the whole reduction; bias,
+  activation and residual epilogues are fused into the write-back;
+- chunks of pixels run in parallel, sized so the thread count divides them.
+"""
+
+from __future__ import annotations
+
+from .analysis import fuse_epilogue, match_conv2d_nhwc, root_blocks
+from .target_info import cpu_info
+
+LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
+MAX_TILES_PER_CHUNK = 16
+
+
+def register_tile(channels: int, lanes: int, registers: int) -> tuple[int, int]:
+    """(MR, NU): a tile of MR pixel rows x NU vectors of output channels.
+
+    Each step of the reduction loads NU weight vectors and MR broadcasts and issues MR*NU
+    FMAs; with two load and two FMA ports the tile runs at MR*NU / max(MR*NU, MR+NU) of
+    peak. Channels are padded up to whole tiles (the padding is computed and dropped), so
+    the score also charges that waste. MR*NU accumulators, NU weight vectors and one
+    broadcast must fit in the vector registers.
+    """
+    best = None
+    for nu in (1, 2, 3, 4):
+        mr = min(12, (registers - nu - 1) // nu)
+        if mr < 1:
+            continue
+        nr = nu * lanes
+        padded = -(-channels // nr) * nr
+        score = mr * nu / max(mr * nu, mr + nu) * channels / padded
+        if best is None or score > best[0] + 1e-9:
+            best = (score, mr, nu)
+    return best[1], best[2]
+
+
+def chunk_tiles(rows: int, mr: int, threads: int) -> int:
+    """Micro-tiles per parallel chunk: little padding waste, chunks a multiple of the
+    thread count, and as many tiles per chunk as that allows (weight-panel reuse)."""
+    best = None
+    for mb in range(MAX_TILES_PER_CHUNK, 0, -1):
+        p = mr * mb
+        padded = -(-rows // p) * p
+        chunks = padded // p
+        balance = (-(-chunks // threads) * threads) / chunks
+        score = padded / rows * balance
+        if best is None or score < best[0] - 1e-9:
+            best = (score, mb)
+    return best[1]
+
+
+class ConvGEMM:
+    """Schedule rule: dense (groups=1) NHWC/HWIO convolution -> packed register-tiled GEMM."""
+
+    name = "xcompile.cpu.ConvGEMM"
+
+    def apply(self, func, target, _tunable=False):
+        from tvm import s_tir
+
+        if target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        conv = match_conv2d_nhwc(sch)
+        if conv is None or conv.depthwise:
+            return None
+        info = cpu_info(target)
+        n, h, w, f = conv.out_shape
+        mr, nu = register_tile(f, info.lanes, info.registers)
+        try:
+            self._schedule(sch, conv, mr, nu, info)
+        except s_tir.ScheduleError:
+            return None
+        return sch
+
+    @staticmethod
+    def _schedule(sch, conv, mr: int, nu: int, info) -> None:
+        from tvm.tirx import IndexMap
+
+        lanes = info.lanes
+        n, h, w, f = conv.out_shape
+        hw, rows = h * w, n * h * w
+        nr = nu * lanes
+        block = conv.block
+        epilogues = [b for b in root_blocks(sch)
+                     if not sch.get(b).same_as(sch.get(block))
+                     and (conv.pad_block is None
+                          or not sch.get(b).same_as(sch.get(conv.pad_block)))]
+        if conv.pad_block is not None:
+            sch.compute_inline(conv.pad_block)
+        # Accumulators, with the elementwise epilogue fused into their write-back.
+        wb = sch.cache_write(block, 0, "local")
+        fuse_epilogue(sch, epilogues)
+        # Pixels as one GEMM row index.
+        sch.transform_layout(block, ("write", 0), lambda b, y, x, c: (b * hw + y * w + x, c))
+        sch.transform_block_layout(
+            block, lambda b, y, x, c, ry, rx, rc: (b * hw + y * w + x, c, ry, rx, rc))
+        sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
+        # Input rows: reindexed to [row, ry, rx, rc], padded to whole chunks, packed.
+        gathered = sch.reindex(block, ("read", 0))
+        mb = chunk_tiles(rows, mr, info.cores)
+        # Pad rows to whole chunks and channels to whole NR-wide tiles.
+        sch.pad_einsum(block, [mr * mb, nr, 1, 1, 1])
+        reads = [r.source for r in sch.get(block).reads]
+        producers = {i: p for p in sch.get_producers(block) for i, buf in enumerate(reads)
+                     if sch.get(p).writes[0].source.same_as(buf)}
+        panel = producers[0]
+        if not sch.get(panel).same_as(sch.get(gathered)):  # rows were padded
+            sch.compute_inline(gathered)
+        # Weights packed into contiguous NR-wide panels; the pipeline runs this block once,
+        # at build time (it is lifted into the weight transform).
+        packed = sch.cache_read(block, 1, "global")
+        if 1 in producers:  # channel padding of the weights: zeros, packed with them
+            sch.compute_inline(producers[1])
+        sch.transform_layout(packed, ("write", 0),
+                             lambda ry, rx, rc, c: (c // nr, ry, rx, rc, c % nr))
+        sch.annotate(packed, LAYOUT_REWRITE, True)
+        consumer = sch.get_consumers(block)[0]
+        if not sch.get(consumer).same_as(sch.get(wb)):  # padded accumulators -> write-back
+            sch.compute_inline(consumer)
+        m, c, ry, rx, rc = sch.get_loops(block)
+        mo, mt, mi = sch.split(m, [None, mb, mr])
+        co, cu, cv = sch.split(c, [None, nu, lanes])
+        sch.reorder(mo, co, mt, ry, rx, rc, mi, cu, cv)
+        sch.reverse_compute_at(wb, mt)
+        sch.compute_at(panel, mo)
+        # [row, (window,) k] -> [tile, (window,) k, row-in-tile]: MR rows side by side.
+        ndim = len(sch.get(panel).writes[0].source.shape)
+        sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
+            lambda *i: (i[0] // mr, *i[1:], i[0] % mr), ndim=ndim))
+        sch.unroll(mi)
+        sch.unroll(cu)
+        sch.vectorize(cv)
+        sch.parallel(mo)
+        init = sch.decompose_reduction(block, ry)
+        loops = sch.get_loops(init)
+        sch.vectorize(loops[-1])
+        sch.unroll(loops[-2])
+        sch.unroll(loops[-3])
+        wl = sch.get_loops(wb)
+        sch.vectorize(sch.split(wl[-1], [None, lanes])[-1])

@@ -1,0 +1,76 @@
+"""Fallback for every CPU kernel no specific rule takes (pooling, elementwise, layout
+transforms, reductions, matmul/GEMV, whatever another CNN brings): elementwise producers
+are inlined, the output's contiguous axis is vectorized where it splits into whole
+vectors, and the outer data-parallel loops run in parallel. No kernel stays a serial loop
+nest unless its structure resists every step (each step is tried on its own)."""
+
+from __future__ import annotations
+
+import logging
+
+from .analysis import iter_kinds, root_blocks
+from .target_info import cpu_info
+
+log = logging.getLogger(__name__)
+# Below this many outer iterations a parallel launch costs more than it saves.
+MIN_PARALLEL = 4
+
+
+class Generic:
+    """Schedule rule: parallel + vectorized loops for any PrimFunc (always applies)."""
+
+    name = "xcompile.cpu.Generic"
+
+    def apply(self, func, target, _tunable=False):
+        from tvm import s_tir
+
+        if target.kind.name != "llvm":
+            return None
+        info = cpu_info(target)
+        sch = s_tir.Schedule(func)
+        blocks = root_blocks(sch)
+        for rv in blocks[:-1]:
+            if "R" not in iter_kinds(sch.get(rv)):
+                try:
+                    sch.compute_inline(rv)
+                except s_tir.ScheduleError:
+                    pass
+        for rv in root_blocks(sch):
+            try:
+                self._block(sch, rv, info.lanes)
+            except s_tir.ScheduleError as e:
+                log.debug("%s: left as is (%s)", sch.get(rv).name_hint,
+                          str(e).splitlines()[0])
+        return sch
+
+    @staticmethod
+    def _block(sch, rv, lanes: int) -> None:
+        from tvm.tirx import Var
+
+        block = sch.get(rv)
+        kinds = iter_kinds(block)
+        loops = sch.get_loops(rv)
+        if len(loops) != len(kinds) or "?" in kinds or not kinds:
+            return
+        spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        if not spatial:
+            return
+        # Vectorize the innermost spatial loop when it indexes the output's last axis.
+        out_last = block.writes[0].region[-1].min
+        inner_var = block.iter_vars[kinds.rindex("S")].var
+        vector = None
+        extent = int(sch.get(spatial[-1]).extent)
+        if isinstance(out_last, Var) and out_last.same_as(inner_var) and extent % lanes == 0:
+            outer, vector = sch.split(spatial[-1], [None, lanes])
+            spatial = spatial[:-1] + [outer]
+            sch.reorder(*spatial, *reduce, vector)
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        if int(sch.get(fused).extent) >= MIN_PARALLEL:
+            sch.parallel(fused)
+        if vector is not None:
+            sch.vectorize(vector)
+        if reduce:
+            init = sch.decompose_reduction(rv, reduce[0])
+            if vector is not None:
+                sch.vectorize(sch.get_loops(init)[-1])

@@ -1,0 +1,35 @@
+"""Per-target numbers the CPU rules need, asked of TVM where it can tell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    """Vector lanes of float32, vector registers, and cores to spread work over."""
+
+    lanes: int
+    registers: int
+    cores: int
+
+
+def cpu_info(target) -> CPUInfo:
+    """Read the vector ISA from LLVM's feature list for ``target``.
+
+    (``llvm_get_vector_width`` reports 512 bits for a Haswell target in TVM 0.27, so the
+    width comes from the features instead.)
+    """
+    from tvm.target import codegen
+
+    def has(feature: str) -> bool:
+        return bool(codegen.llvm_cpu_has_features(feature, target))
+
+    cores = int(target.attrs.get("num-cores", 1))
+    if has("avx512f"):
+        return CPUInfo(lanes=16, registers=32, cores=cores)
+    if has("avx2") or has("avx"):
+        return CPUInfo(lanes=8, registers=16, cores=cores)
+    if has("neon"):
+        return CPUInfo(lanes=4, registers=32, cores=cores)
+    return CPUInfo(lanes=4, registers=16, cores=cores)  # SSE-class x86 or unknown
