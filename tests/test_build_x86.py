@@ -125,3 +125,15 @@ def test_bench_reports_ratio(mobile_onnx, tmp_path):
     ours, ort = (t["median_ms"] for t in result["timings"])
     assert result["ratios"]["onnxruntime"] == pytest.approx(ours / ort, rel=1e-3)
     assert "xcompile / onnxruntime" in proc.stdout
+
+
+def test_no_custom_schedules_keeps_the_plain_path(mobile_onnx, tmp_path):
+    out = tmp_path / "plain"
+    proc = run_cli("build", "--model", str(mobile_onnx), "--no-custom-schedules",
+                   "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert {k["rule"] for k in m["kernels"]} == {"unscheduled"}
+    assert m["options"]["custom_schedules"] is False
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    assert max_rel_err(runtime.load(out)(x), ort_run(mobile_onnx, x)) < RTOL

@@ -64,7 +64,7 @@ def cmd_build(args) -> int:
     from xcompile.build import build, resolve_options
 
     opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
-                           output=args.output)
+                           output=args.output, custom_schedules=not args.no_custom_schedules)
     manifest = build(opts)
     rules = {}
     for k in manifest["kernels"]:
@@ -184,6 +184,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive, metavar="N", help="input batch size")
     s.add_argument("-o", "--output", metavar="DIR",
                    help="build folder (default: build/<model>-<target>-b<batch>)")
+    s.add_argument("--no-custom-schedules", action="store_true",
+                   help="TVM's plain path for comparison: the model's layout, no xcompile "
+                        "rules (CPU kernels stay naive loops; CUDA keeps DLight)")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("run", help="run a build on an input, print top-5 and latency")

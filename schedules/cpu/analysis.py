@@ -47,6 +47,7 @@ class Conv2DNHWC:
 
     block: object  # SBlockRV
     pad_block: object | None  # the padding producer, when there is one
+    epilogues: list  # the elementwise blocks after the convolution, in order
     out_shape: tuple[int, ...]
     kernel: tuple[int, int]  # (KH, KW)
     in_channels: int  # reduction extent over channels (1 for depthwise)
@@ -96,9 +97,11 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     for prv in sch.get_producers(rv):
         if "R" not in iter_kinds(sch.get(prv)):
             pad = prv
+    others = [b for b in root_blocks(sch) if not sch.get(b).same_as(block)]
+    epilogues = [b for b in others if pad is None or not sch.get(b).same_as(sch.get(pad))]
     ext = [int(iv.dom.extent) for iv in block.iter_vars]
-    return Conv2DNHWC(rv, pad, tuple(int(s) for s in out.source.shape), (ext[4], ext[5]),
-                      ext[6], depthwise)
+    return Conv2DNHWC(rv, pad, epilogues, tuple(int(s) for s in out.source.shape),
+                      (ext[4], ext[5]), ext[6], depthwise)
 
 
 def fuse_epilogue(sch, epilogues: list) -> None:

@@ -16,7 +16,7 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 
 from __future__ import annotations
 
-from .analysis import fuse_epilogue, match_conv2d_nhwc, root_blocks
+from .analysis import fuse_epilogue, match_conv2d_nhwc
 from .target_info import cpu_info
 
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
@@ -75,8 +75,7 @@ class ConvGEMM:
         if conv is None or conv.depthwise:
             return None
         info = cpu_info(target)
-        n, h, w, f = conv.out_shape
-        mr, nu = register_tile(f, info.lanes, info.registers)
+        mr, nu = register_tile(conv.out_shape[3], info.lanes, info.registers)
         try:
             self._schedule(sch, conv, mr, nu, info)
         except s_tir.ScheduleError:
@@ -92,15 +91,11 @@ class ConvGEMM:
         hw, rows = h * w, n * h * w
         nr = nu * lanes
         block = conv.block
-        epilogues = [b for b in root_blocks(sch)
-                     if not sch.get(b).same_as(sch.get(block))
-                     and (conv.pad_block is None
-                          or not sch.get(b).same_as(sch.get(conv.pad_block)))]
         if conv.pad_block is not None:
             sch.compute_inline(conv.pad_block)
         # Accumulators, with the elementwise epilogue fused into their write-back.
         wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, epilogues)
+        fuse_epilogue(sch, conv.epilogues)
         # Pixels as one GEMM row index.
         sch.transform_layout(block, ("write", 0), lambda b, y, x, c: (b * hw + y * w + x, c))
         sch.transform_block_layout(

@@ -8,7 +8,7 @@ write-back, rows of output pixels in parallel.
 
 from __future__ import annotations
 
-from .analysis import fuse_epilogue, match_conv2d_nhwc, root_blocks
+from .analysis import fuse_epilogue, match_conv2d_nhwc
 from .target_info import cpu_info
 
 
@@ -38,15 +38,11 @@ class Depthwise:
     @staticmethod
     def _schedule(sch, conv, lanes: int) -> None:
         block = conv.block
-        epilogues = [b for b in root_blocks(sch)
-                     if not sch.get(b).same_as(sch.get(block))
-                     and (conv.pad_block is None
-                          or not sch.get(b).same_as(sch.get(conv.pad_block)))]
         if conv.pad_block is not None:
             # Zero padding read in place: a select on the border, no padded copy.
             sch.compute_inline(conv.pad_block)
         wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, epilogues)
+        fuse_epilogue(sch, conv.epilogues)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)
         rows = sch.fuse(n, y)
         co, cv = sch.split(c, [None, lanes])

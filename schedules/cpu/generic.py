@@ -1,8 +1,9 @@
 """Fallback for every CPU kernel no specific rule takes (pooling, elementwise, layout
 transforms, reductions, matmul/GEMV, whatever another CNN brings): elementwise producers
 are inlined, the output's contiguous axis is vectorized where it splits into whole
-vectors, and the outer data-parallel loops run in parallel. No kernel stays a serial loop
-nest unless its structure resists every step (each step is tried on its own)."""
+vectors (of the target's width, or half or a quarter of it), and the outer data-parallel
+loops run in parallel. Each step is tried on its own, so a kernel whose structure resists
+one still gets the others."""
 
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ class Generic:
         inner_var = block.iter_vars[kinds.rindex("S")].var
         vector = None
         extent = int(sch.get(spatial[-1]).extent)
-        if isinstance(out_last, Var) and out_last.same_as(inner_var) and extent % lanes == 0:
-            outer, vector = sch.split(spatial[-1], [None, lanes])
+        # The widest vector that divides the axis (narrower ones exist on every ISA).
+        width = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and extent % v == 0),
+                     None)
+        if isinstance(out_last, Var) and out_last.same_as(inner_var) and width:
+            outer, vector = sch.split(spatial[-1], [None, width])
             spatial = spatial[:-1] + [outer]
             sch.reorder(*spatial, *reduce, vector)
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
