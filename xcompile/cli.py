@@ -93,9 +93,14 @@ def _top5(output) -> list[str]:
 def cmd_run(args) -> int:
     import time
 
+    from targets import detect_arch
     from xcompile import reference, runtime
     from xcompile.files import save_npy
+    from xcompile.manifest import read_manifest
 
+    manifest = read_manifest(args.build)
+    if manifest["target"]["arch"] != detect_arch():
+        return _run_foreign(args, manifest)
     predictor = runtime.load(args.build)
     x = reference.make_input(predictor.input, args.input)
     times = []
@@ -112,6 +117,35 @@ def cmd_run(args) -> int:
           f"over {args.repeat} runs")
     if args.output:
         save_npy(args.output, first)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _run_foreign(args, manifest) -> int:
+    """Another architecture's build: the C++ runner, under emulation."""
+    import tempfile
+
+    import numpy as np
+
+    from xcompile import reference, runner
+    from xcompile.files import save_npy
+    from xcompile.manifest import TensorInfo
+
+    info = TensorInfo.from_json(manifest["inputs"][0])
+    x = reference.make_input(info, args.input)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_npy(f"{tmp}/x.npy", x)
+        proc = runner.run(args.build, f"{tmp}/x.npy", f"{tmp}/y.npy", repeat=args.repeat)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            raise XCompileError(lines[-1].removeprefix("error: ") if lines else
+                                f"the {manifest['target']['arch']} runner failed")
+        y = np.load(f"{tmp}/y.npy")
+    for line in _top5(y):
+        print(line)
+    print(f"{proc.stdout.strip()} ({manifest['target']['arch']}, emulated)")
+    if args.output:
+        save_npy(args.output, y)
         print(f"wrote {args.output}")
     return 0
 
@@ -189,7 +223,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "rules (CPU kernels stay naive loops; CUDA keeps DLight)")
     s.set_defaults(func=cmd_build)
 
-    s = sub.add_parser("run", help="run a build on an input, print top-5 and latency")
+    s = sub.add_parser("run", help="run a build on an input, print top-5 and latency "
+                                   "(an aarch64 build runs under qemu-aarch64)")
     s.add_argument("build", metavar="DIR")
     s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
     s.add_argument("--output", metavar="FILE.npy", help="write the first output here")

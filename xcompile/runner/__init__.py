@@ -1,0 +1,147 @@
+"""The C++ runner (``xcompile_run.cc``): built per architecture against the TVM runtime
+alone, and run natively or, for aarch64 builds on another machine, under qemu-aarch64.
+
+The runtime libraries come from the apache-tvm and apache-tvm-ffi wheels of the target
+architecture: the installed ones for this machine's, PyPI's aarch64 wheels (downloaded
+once into the cache) for ARM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from xcompile.errors import XCompileError
+from xcompile.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("xcompile_run.cc")
+WHEELS = {"apache-tvm": "0.27.0.post1", "apache-tvm-ffi": "0.1.14.post1"}
+LIBS = {"tvm/lib/libtvm_runtime.so": "libtvm_runtime.so",
+        "tvm_ffi/lib/libtvm_ffi.so": "libtvm_ffi.so"}
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """How to build and run a program for one architecture."""
+
+    arch: str
+    cxx: str
+    emulator: list[str]  # prefix for running on this machine; empty when native
+
+
+def toolchain(arch: str) -> Toolchain:
+    """The compiler (and emulator) for ``arch``, with a clear error when missing."""
+    from targets import detect_arch
+
+    if arch == detect_arch():
+        tc = Toolchain(arch, os.environ.get("CXX", "g++"), [])
+    elif arch == "aarch64":
+        tc = Toolchain(arch, "aarch64-linux-gnu-g++",
+                       ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"])
+    else:
+        raise XCompileError(f"cannot build or run {arch} programs on this machine")
+    for tool in [tc.cxx] + tc.emulator[:1]:
+        if shutil.which(tool) is None:
+            raise XCompileError(f"{tool} not found (Debian/Ubuntu: apt-get install "
+                                f"g++-aarch64-linux-gnu qemu-user)")
+    return tc
+
+
+def _cache() -> Path:
+    from xcompile.build import cache_dir
+
+    return cache_dir() / "runner"
+
+
+def runtime_libs(arch: str) -> Path:
+    """A folder holding libtvm_runtime.so and libtvm_ffi.so for ``arch``."""
+    from targets import detect_arch
+
+    if arch == detect_arch():
+        import tvm
+        import tvm_ffi
+
+        folder = _cache() / arch / "lib"
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in (Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so",
+                    Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"):
+            dst = folder / src.name
+            if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+                shutil.copyfile(src, dst)
+        return folder
+    return _foreign_libs(arch)
+
+
+def _foreign_libs(arch: str) -> Path:
+    folder = _cache() / arch / "lib"
+    if all((folder / name).is_file() for name in LIBS.values()):
+        return folder
+    wheels = _cache() / arch / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    log.info("downloading the %s wheels of %s", arch, ", ".join(WHEELS))
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "--platform", f"manylinux_2_28_{arch}", "--python-version", "3.11",
+           "-d", str(wheels)] + [f"{k}=={v}" for k, v in WHEELS.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise XCompileError(f"cannot download the {arch} TVM runtime wheels: "
+                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            for member, name in LIBS.items():
+                if member in zf.namelist():
+                    with atomic_path(folder / name) as tmp:
+                        tmp.write_bytes(zf.read(member))
+    missing = [n for n in LIBS.values() if not (folder / n).is_file()]
+    if missing:
+        raise XCompileError(f"the {arch} wheels lack {', '.join(missing)}")
+    return folder
+
+
+def build_runner(arch: str) -> Path:
+    """The runner executable for ``arch`` (built once per source version); it finds the
+    runtime libraries in ``lib/`` beside itself."""
+    import tvm_ffi
+
+    tc = toolchain(arch)
+    libs = runtime_libs(arch)
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    exe = libs.parent / f"xcompile_run-{digest}"
+    if exe.is_file():
+        return exe
+    include = Path(tvm_ffi.__file__).parent / "include"
+    with atomic_path(exe) as tmp:
+        cmd = [tc.cxx, "-std=c++17", "-O2", "-o", str(tmp), str(SOURCE),
+               f"-I{include}", f"-I{include / 'dlpack'}", f"-L{libs}",
+               "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/lib"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise XCompileError(f"building the {arch} runner failed: "
+                                f"{proc.stderr.strip().splitlines()[0]}")
+        tmp.chmod(0o755)
+    return exe
+
+
+def run(build_dir: str | os.PathLike, input_path: str, output_path: str | None = None,
+        repeat: int = 1) -> subprocess.CompletedProcess:
+    """Run a build folder through the C++ runner of its architecture (under emulation
+    when that is not this machine's); returns the finished process (text output)."""
+    from xcompile.manifest import read_manifest
+
+    arch = read_manifest(build_dir)["target"]["arch"]
+    exe = build_runner(arch)
+    cmd = [*toolchain(arch).emulator, str(exe), str(build_dir), "--input", str(input_path),
+           "--repeat", str(repeat)]
+    if output_path:
+        cmd += ["--output", str(output_path)]
+    return subprocess.run(cmd, capture_output=True, text=True)
