@@ -150,6 +150,14 @@ def _run_foreign(args, manifest) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    from xcompile.package import package
+
+    out = package(args.build, args.output)
+    print(f"wrote bundle {out}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from xcompile.errors import VerificationError
     from xcompile.verify import verify
@@ -230,6 +238,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="FILE.npy", help="write the first output here")
     s.add_argument("--repeat", type=_positive, default=1, metavar="N")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("package", help="make a self-contained bundle of a CPU build: the "
+                                       "build, the C++ runner and the TVM runtime libraries "
+                                       "for its architecture")
+    s.add_argument("build", metavar="DIR")
+    s.add_argument("-o", "--output", required=True, metavar="BUNDLE")
+    s.set_defaults(func=cmd_package)
 
     s = sub.add_parser("verify", help="compare a build with ONNX Runtime")
     s.add_argument("build", metavar="DIR")

@@ -77,6 +77,7 @@ def runtime_libs(arch: str) -> Path:
             dst = folder / src.name
             if not dst.exists() or dst.stat().st_size != src.stat().st_size:
                 shutil.copyfile(src, dst)
+                dst.chmod(0o755)
         return folder
     return _foreign_libs(arch)
 
@@ -102,6 +103,7 @@ def _foreign_libs(arch: str) -> Path:
                 if member in zf.namelist():
                     with atomic_path(folder / name) as tmp:
                         tmp.write_bytes(zf.read(member))
+                        tmp.chmod(0o755)  # mkstemp's 0600 would travel into bundles
     missing = [n for n in LIBS.values() if not (folder / n).is_file()]
     if missing:
         raise XCompileError(f"the {arch} wheels lack {', '.join(missing)}")

@@ -1,0 +1,66 @@
+"""Bundles: a build folder made self-contained for its target machine.
+
+A bundle holds the build's files (``module.so``, ``params.bin``, ``manifest.json``, so the
+Python loader and ``xcompile run`` take it like any build folder), the C++ runner for the
+target's architecture, the TVM runtime libraries for that architecture in ``lib/``, and a
+README with the one command that runs it there.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from xcompile import manifest as mf
+from xcompile import runner
+from xcompile.errors import XCompileError
+from xcompile.files import atomic_dir
+
+log = logging.getLogger(__name__)
+
+RUNNER = "xcompile_run"
+
+_README = """xcompile bundle: {model} for {target} ({arch})
+
+Run it on Linux on {arch}; nothing else needs installing:
+
+    ./{runner} . --input input.npy --output output.npy --repeat 10
+
+input.npy: float32 {shape} (numpy.save). The runner prints the latency and writes the
+first output. Files: module.so (compiled model), params.bin (weights), manifest.json
+(what was built, how, and the SHA-256 of each file), lib/ (TVM runtime {tvm}).
+
+From Python instead: pip install apache-tvm=={tvm} apache-tvm-ffi=={ffi} and xcompile,
+then xcompile.runtime.load("path/to/bundle") (TVM_USE_RUNTIME_LIB=1 loads no compiler).
+"""
+
+
+def package(build_dir: str | Path, out: str | Path) -> Path:
+    """Write the bundle of ``build_dir`` to ``out`` (replacing it; written atomically)."""
+    build_dir = Path(build_dir)
+    manifest = mf.read_manifest(build_dir)
+    target = manifest["target"]
+    if target["device"] != "cpu":
+        raise XCompileError(f"bundles hold the CPU runner; {build_dir} is a "
+                            f"{target['device']} build (deploy it with xcompile.runtime)")
+    for name in (manifest["module"], manifest["params"]["file"]):
+        if not (build_dir / name).is_file():
+            raise XCompileError(f"{build_dir} is incomplete: {name} is missing")
+    arch = target["arch"]
+    exe = runner.build_runner(arch)
+    libs = runner.runtime_libs(arch)
+    with atomic_dir(out) as tmp:
+        for name in (mf.MANIFEST, manifest["module"], manifest["params"]["file"]):
+            shutil.copy2(build_dir / name, tmp / name)
+        shutil.copy2(exe, tmp / RUNNER)
+        (tmp / "lib").mkdir()
+        for lib in sorted(libs.glob("*.so")):
+            shutil.copy2(lib, tmp / "lib" / lib.name)
+        (tmp / "README.txt").write_text(_README.format(
+            model=Path(manifest["model"]["path"]).name, target=target["name"], arch=arch,
+            runner=RUNNER, shape=tuple(manifest["inputs"][0]["shape"]),
+            tvm=manifest["versions"]["tvm"], ffi=manifest["versions"]["tvm_ffi"]),
+            encoding="utf-8")
+    log.info("bundled %s (%s) into %s", build_dir, arch, out)
+    return Path(out)
