@@ -69,7 +69,13 @@ def apply_rules(rules: list):
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
                 continue
             for rule in rules:
-                sch = rule.apply(func, target, False)
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception as e:  # a rule's bug must not break the build
+                    log.warning("%s failed on %s (%s: %s); trying the next rule",
+                                rule_name(rule), gvar.name_hint, type(e).__name__,
+                                str(e).strip().splitlines()[0] if str(e).strip() else "")
+                    continue
                 if sch is None:
                     continue
                 if isinstance(sch, list):  # tunable rules may return a space; take the first

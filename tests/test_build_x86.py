@@ -137,3 +137,38 @@ def test_no_custom_schedules_keeps_the_plain_path(mobile_onnx, tmp_path):
     assert m["options"]["custom_schedules"] is False
     x = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
     assert max_rel_err(runtime.load(out)(x), ort_run(mobile_onnx, x)) < RTOL
+
+
+def test_squeeze_excite_cnn_with_7x7_depthwise(tmp_path):
+    """What EfficientNet-style networks bring: 7x7 depthwise, squeeze-excite (global
+    pool, two FCs as 1x1 convs, sigmoid gate broadcast over the feature map), SiLU."""
+    import torch
+    from torch import nn
+
+    from conftest import export_torch
+
+    torch.manual_seed(3)
+
+    class SEBlock(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.dw = nn.Sequential(nn.Conv2d(c, c, 7, 1, 3, groups=c, bias=False),
+                                    nn.BatchNorm2d(c), nn.SiLU())
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.SiLU(),
+                                    nn.Conv2d(c // 4, c, 1), nn.Sigmoid())
+            self.pw = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            y = self.dw(x)
+            return x + self.pw(y * self.se(y))
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.SiLU(), SEBlock(32), SEBlock(32),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    onnx_path = export_torch(model, tmp_path / "se.onnx", (1, 3, 56, 56))
+    out = tmp_path / "se"
+    proc = run_cli("build", "--model", str(onnx_path), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert "unscheduled" not in {k["rule"] for k in m["kernels"]}
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -218,3 +218,21 @@ def test_register_tile_fits_the_registers():
             assert mr * nu + nu + 1 <= regs
             assert mr * nu >= 10  # enough independent FMAs to hide latency
     assert register_tile(728, 8, 16) == (6, 2)  # 728 -> 736 channels, 6x16 tile
+
+
+def test_a_failing_rule_falls_through_to_the_next(caplog):
+    import tvm
+
+    import schedules
+
+    class Broken:
+        name = "broken"
+
+        def apply(self, func, target, tunable):
+            raise RuntimeError("boom")
+
+    mod = tvm.IRModule({"k": conv_kernel(64, 128, size=19)})
+    with HOST.tvm_target():
+        out = schedules.apply_rules([Broken(), Generic()])(mod)
+    assert schedules.kernel_rules(out) == {"k": "xcompile.cpu.Generic"}
+    assert "broken failed on k" in caplog.text

@@ -60,7 +60,7 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     Matches: one reduction block with iters S(n) S(y) S(x) S(f) R(ry) R(rx) R(rc) writing
     ``out[n, y, x, f]``, reading an input whose last index uses rc (dense) or f
     (depthwise), and a 4-D weight indexed ``[ry, rx, rc, f]`` (HWIO). Every other root
-    block is elementwise: a padding producer or an epilogue.
+    block is elementwise: a padding producer, or an epilogue over the output's shape.
     """
     reductions = []
     for rv in root_blocks(sch):
@@ -99,9 +99,14 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
             pad = prv
     others = [b for b in root_blocks(sch) if not sch.get(b).same_as(block)]
     epilogues = [b for b in others if pad is None or not sch.get(b).same_as(sch.get(pad))]
+    out_shape = tuple(int(s) for s in out.source.shape)
+    # Only elementwise epilogues over the conv's own output (a squeeze-excite gate that
+    # broadcasts over a larger map is another pattern).
+    if any(tuple(int(s) for s in sch.get(b).writes[0].source.shape) != out_shape
+           for b in epilogues):
+        return None
     ext = [int(iv.dom.extent) for iv in block.iter_vars]
-    return Conv2DNHWC(rv, pad, epilogues, tuple(int(s) for s in out.source.shape),
-                      (ext[4], ext[5]), ext[6], depthwise)
+    return Conv2DNHWC(rv, pad, epilogues, out_shape, (ext[4], ext[5]), ext[6], depthwise)
 
 
 def fuse_epilogue(sch, epilogues: list) -> None:
