@@ -98,3 +98,17 @@ def test_cuda_build_loads_and_runs(mobile_onnx, tmp_path):
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 64), dtype=np.float32)
     ours = runtime.load(out)(x)
     assert max_rel_err(ours, ort_run(mobile_onnx, x)) < 1e-4
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_cuda_graph_option(mobile_onnx, cuda_graph):
+    c = compile_model(resolve_options(model=str(mobile_onnx), target="cuda",
+                                      output="/nonexistent-unused", cuda_graph=cuda_graph))
+    captured = "vm.builtin.cuda_graph.run_or_capture" in c.executable.as_text()
+    assert captured is cuda_graph
+
+
+def test_cuda_graph_is_off_on_cpu(mobile_onnx):
+    c = compile_model(resolve_options(model=str(mobile_onnx), target="host",
+                                      output="/nonexistent-unused"))
+    assert "cuda_graph" not in c.executable.as_text()

@@ -35,13 +35,15 @@ class BuildOptions:
     batch: int | None  # input batch override; None keeps the model's
     output: str
     custom_schedules: bool = True  # False: TVM's plain path, for comparison
+    cuda_graph: bool = True  # capture the whole CUDA model as one graph (static shapes)
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
               f"{self.builtin.input_size}x{self.builtin.input_size})" if self.builtin else ""
         return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
                 f"batch={self.batch if self.batch is not None else 'from model'} "
-                f"custom_schedules={self.custom_schedules} output={self.output}")
+                f"custom_schedules={self.custom_schedules} cuda_graph={self.cuda_graph} "
+                f"output={self.output}")
 
 
 def cache_dir() -> Path:
@@ -64,7 +66,7 @@ def builtin_onnx(spec: BuiltinSpec) -> Path:
 
 def resolve_options(model: str | None = None, target: str = targets.HOST,
                     batch: int | None = None, output: str | None = None,
-                    custom_schedules: bool = True) -> BuildOptions:
+                    custom_schedules: bool = True, cuda_graph: bool = True) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
     if batch is not None and batch < 1:
         raise XCompileError(f"--batch must be >= 1, got {batch}")
@@ -85,7 +87,8 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         raise XCompileError(f"output {output} exists and is not a folder")
     writable_parent(Path(output))
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
-                        output=output, custom_schedules=custom_schedules)
+                        output=output, custom_schedules=custom_schedules,
+                        cuda_graph=cuda_graph)
 
 
 def _versions() -> dict:
@@ -141,8 +144,11 @@ def compile_model(opts: BuildOptions) -> Compiled:
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
     opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
+    # CUDA graphs: the VM captures all kernel launches once and replays them.
+    config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}
     try:
-        executable = tvm.compile(opt.mod, target=preset.tvm_target())
+        with tvm.transform.PassContext(config=config):
+            executable = tvm.compile(opt.mod, target=preset.tvm_target())
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e

@@ -64,7 +64,8 @@ def cmd_build(args) -> int:
     from xcompile.build import build, resolve_options
 
     opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
-                           output=args.output, custom_schedules=not args.no_custom_schedules)
+                           output=args.output, custom_schedules=not args.no_custom_schedules,
+                           cuda_graph=not args.no_cuda_graph)
     manifest = build(opts)
     rules = {}
     for k in manifest["kernels"]:
@@ -229,6 +230,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-custom-schedules", action="store_true",
                    help="TVM's plain path for comparison: the model's layout, no xcompile "
                         "rules (CPU kernels stay naive loops; CUDA keeps DLight)")
+    s.add_argument("--no-cuda-graph", action="store_true",
+                   help="CUDA targets: launch kernels one by one instead of replaying a "
+                        "captured CUDA graph")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("run", help="run a build on an input, print top-5 and latency "
