@@ -96,7 +96,6 @@ def baseline_rules(family: str) -> list:
 def optimize(mod, preset, custom_schedules: bool = True) -> Optimized:
     """Run the stages above for ``preset``; ``custom_schedules=False`` keeps the model's
     layout and TVM's baseline schedules (the plain path, for comparison)."""
-    import tvm
     from tvm import relax
 
     import schedules
