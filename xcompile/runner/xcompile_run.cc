@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <elf.h>
+#include <sched.h>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -168,6 +169,15 @@ ffi::Tensor ToTensor(const Npy& npy) {
 
 std::string FirstLine(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// TVM's thread pool halves hardware_concurrency() on x86 (it assumes hyper-threading);
+// give it every core this process may use, unless the user chose a number.
+void ConfigureThreads() {
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) {
+    setenv("TVM_NUM_THREADS", std::to_string(CPU_COUNT(&cpus)).c_str(), /*overwrite=*/0);
+  }
+}
+
 int Run(int argc, char** argv) {
   std::string dir, input, output;
   int repeat = 1;
@@ -191,6 +201,7 @@ int Run(int argc, char** argv) {
   if (!std::ifstream(params_path)) throw UserError(dir + " is incomplete: params.bin is missing");
   CheckSharedObject(module_path);
   Npy x = ReadNpy(input);
+  ConfigureThreads();
 
   ffi::Module lib = ffi::Module::LoadFromFile(module_path);
   ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
