@@ -59,3 +59,12 @@ def test_python_loader_refuses_an_arm_build(arm_build):
 
     with pytest.raises(XCompileError, match="built for aarch64"):
         runtime.load(arm_build)
+
+
+def test_verify_an_arm_build_under_emulation(arm_build):
+    if shutil.which("qemu-aarch64") is None and not os.environ.get("CI"):
+        pytest.skip("qemu-user not installed")
+    proc = run_cli("verify", str(arm_build))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rel = float(proc.stdout.split("max relative error")[1].split()[0])
+    assert rel < 1e-4

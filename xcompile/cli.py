@@ -124,27 +124,15 @@ def cmd_run(args) -> int:
 
 def _run_foreign(args, manifest) -> int:
     """Another architecture's build: the C++ runner, under emulation."""
-    import tempfile
-
-    import numpy as np
-
     from xcompile import reference, runner
     from xcompile.files import save_npy
     from xcompile.manifest import TensorInfo
 
-    info = TensorInfo.from_json(manifest["inputs"][0])
-    x = reference.make_input(info, args.input)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_npy(f"{tmp}/x.npy", x)
-        proc = runner.run(args.build, f"{tmp}/x.npy", f"{tmp}/y.npy", repeat=args.repeat)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            raise XCompileError(lines[-1].removeprefix("error: ") if lines else
-                                f"the {manifest['target']['arch']} runner failed")
-        y = np.load(f"{tmp}/y.npy")
+    x = reference.make_input(TensorInfo.from_json(manifest["inputs"][0]), args.input)
+    y, latency = runner.predict(args.build, x, repeat=args.repeat)
     for line in _top5(y):
         print(line)
-    print(f"{proc.stdout.strip()} ({manifest['target']['arch']}, emulated)")
+    print(f"{latency} ({manifest['target']['arch']}, emulated)")
     if args.output:
         save_npy(args.output, y)
         print(f"wrote {args.output}")

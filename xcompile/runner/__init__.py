@@ -147,3 +147,22 @@ def run(build_dir: str | os.PathLike, input_path: str, output_path: str | None =
     if output_path:
         cmd += ["--output", str(output_path)]
     return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def predict(build_dir: str | os.PathLike, x, repeat: int = 1):
+    """Run ``x`` (a numpy array) through the runner; returns (first output, the runner's
+    latency line). A failure is an :class:`XCompileError` with the runner's message."""
+    import tempfile
+
+    import numpy as np
+
+    from xcompile.files import save_npy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_npy(f"{tmp}/x.npy", x)
+        proc = run(build_dir, f"{tmp}/x.npy", f"{tmp}/y.npy", repeat=repeat)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            raise XCompileError(lines[-1].removeprefix("error: ") if lines else
+                                f"the runner failed on {build_dir}")
+        return np.load(f"{tmp}/y.npy"), proc.stdout.strip()
