@@ -112,3 +112,14 @@ def test_cuda_graph_is_off_on_cpu(mobile_onnx):
     c = compile_model(resolve_options(model=str(mobile_onnx), target="host",
                                       output="/nonexistent-unused"))
     assert "cuda_graph" not in c.executable.as_text()
+
+
+@pytest.mark.skipif(_gpu_available(), reason="checks the message on machines without a GPU")
+def test_cuda_build_without_a_driver_is_a_clear_error(mobile_onnx, tmp_path):
+    from conftest import assert_one_line_error
+
+    out = tmp_path / "cuda-nodriver"
+    assert run_cli("build", "--model", str(mobile_onnx), "--target", "cuda",
+                   "-o", str(out)).returncode == 0
+    proc = run_cli("run", str(out))
+    assert_one_line_error(proc, "cuda")
