@@ -6,6 +6,7 @@ TVM package stripped of ``libtvm_compiler.so``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -96,8 +97,12 @@ class Predictor:
         for p in (module_path, params_path):
             if not p.is_file():
                 raise XCompileError(f"{self.folder} is incomplete: {p.name} is missing")
-            # A truncated or damaged .so can kill the process inside dlopen (SIGBUS).
-            if sha256_file(p) != sums.get(p.name):
+        # A truncated or damaged .so can kill the process inside dlopen (SIGBUS). The
+        # weights are read once: the bytes hashed are the bytes loaded.
+        params_bytes = params_path.read_bytes()
+        for p, digest in ((module_path, sha256_file(module_path)),
+                          (params_path, hashlib.sha256(params_bytes).hexdigest())):
+            if digest != sums.get(p.name):
                 raise XCompileError(f"{p} is damaged or was changed after the build "
                                     f"(SHA-256 differs from the manifest)")
         self.device = tvm.device(device, device_id)
@@ -109,7 +114,7 @@ class Predictor:
             raise XCompileError(f"cannot load {module_path}: "
                                 f"{str(e).strip().splitlines()[0]}") from e
         try:
-            params = tvm.runtime.load_param_dict(params_path.read_bytes())
+            params = tvm.runtime.load_param_dict(params_bytes)
         except Exception as e:
             raise XCompileError(f"cannot read {params_path}: "
                                 f"{str(e).strip().splitlines()[0]}") from e
@@ -123,7 +128,9 @@ class Predictor:
 
         self._vm = tvm_vm.VirtualMachine(lib, self.device)
         self._main = self._vm["main"]
-        self._params = [tvm.runtime.tensor(params[n].numpy(), self.device) for n in names]
+        # The weights load on the CPU; other devices get a copy (no numpy round trip).
+        self._params = [params[n] if device == "cpu" else params[n].copyto(self.device)
+                        for n in names]
 
     def check_input(self, x) -> np.ndarray:
         """``x`` as an array of the model's input shape and dtype, or a clear error."""
