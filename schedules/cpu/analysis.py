@@ -109,6 +109,20 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     return Conv2DNHWC(rv, pad, epilogues, out_shape, (ext[4], ext[5]), ext[6], depthwise)
 
 
+def match_cpu_conv(func, target, depthwise: bool):
+    """``(schedule, conv)`` when ``target`` is a CPU (LLVM) target and ``func`` is a
+    convolution of the wanted kind (depthwise or dense); otherwise None."""
+    from tvm import s_tir
+
+    if target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    conv = match_conv2d_nhwc(sch)
+    if conv is None or conv.depthwise != depthwise:
+        return None
+    return sch, conv
+
+
 def fuse_epilogue(sch, epilogues: list) -> None:
     """Fold the elementwise blocks after a reduction into the block that writes its
     result (the write-back of a cached accumulator).

@@ -16,7 +16,7 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 
 from __future__ import annotations
 
-from .analysis import fuse_epilogue, match_conv2d_nhwc
+from .analysis import fuse_epilogue, match_cpu_conv
 from .target_info import cpu_info
 
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
@@ -68,12 +68,10 @@ class ConvGEMM:
     def apply(self, func, target, _tunable=False):
         from tvm import s_tir
 
-        if target.kind.name != "llvm":
+        found = match_cpu_conv(func, target, depthwise=False)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        conv = match_conv2d_nhwc(sch)
-        if conv is None or conv.depthwise:
-            return None
+        sch, conv = found
         info = cpu_info(target)
         mr, nu = register_tile(conv.out_shape[3], info.lanes, info.registers)
         try:

@@ -8,7 +8,7 @@ write-back, rows of output pixels in parallel.
 
 from __future__ import annotations
 
-from .analysis import fuse_epilogue, match_conv2d_nhwc
+from .analysis import fuse_epilogue, match_cpu_conv
 from .target_info import cpu_info
 
 
@@ -20,12 +20,10 @@ class Depthwise:
     def apply(self, func, target, _tunable=False):
         from tvm import s_tir
 
-        if target.kind.name != "llvm":
+        found = match_cpu_conv(func, target, depthwise=True)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        conv = match_conv2d_nhwc(sch)
-        if conv is None or not conv.depthwise:
-            return None
+        sch, conv = found
         info = cpu_info(target)
         if conv.out_shape[3] % info.lanes:
             return None
