@@ -248,14 +248,13 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
     from tvm import s_tir
 
     from schedules.cpu.analysis import match_conv2d_nhwc
-    from schedules.cpu.conv_gemm import register_tile
-    from schedules.cpu.target_info import CPUInfo
+    from schedules.cpu.conv_gemm import gemm_configs
 
     func = conv_kernel(**case)
-    info = CPUInfo(lanes=lanes, registers=registers, cores=4)
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
-    ConvGEMM._schedule(sch, conv, *register_tile(conv.out_shape[3], lanes, registers), info)
+    n, h, w, f = conv.out_shape
+    ConvGEMM._schedule(sch, conv, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
     args = random_args(func)
     want = run_kernel(func, [a.copy() for a in args])
     got = run_kernel(sch.mod["main"], [a.copy() for a in args])

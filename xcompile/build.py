@@ -36,6 +36,7 @@ class BuildOptions:
     output: str
     custom_schedules: bool = True  # False: TVM's plain path, for comparison
     cuda_graph: bool = True  # capture the whole CUDA model as one graph (static shapes)
+    tuning_log: str | None = None  # a log folder; "none"; None: the shipped log, if any
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
@@ -43,7 +44,7 @@ class BuildOptions:
         return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
                 f"batch={self.batch if self.batch is not None else 'from model'} "
                 f"custom_schedules={self.custom_schedules} cuda_graph={self.cuda_graph} "
-                f"output={self.output}")
+                f"tuning_log={self.tuning_log or 'shipped'} output={self.output}")
 
 
 def cache_dir() -> Path:
@@ -64,31 +65,43 @@ def builtin_onnx(spec: BuiltinSpec) -> Path:
     return path
 
 
-def resolve_options(model: str | None = None, target: str = targets.HOST,
-                    batch: int | None = None, output: str | None = None,
-                    custom_schedules: bool = True, cuda_graph: bool = True) -> BuildOptions:
-    """Fill in defaults and check what can be checked before any work is done."""
+def resolve_model(model: str | None, target: str,
+                  batch: int | None) -> tuple[str, BuiltinSpec | None]:
+    """``(ONNX path, built-in spec or None)``: ``model``, or the built-in Xception
+    (generated once into the cache) when it is None. Checks ``target`` and ``batch``."""
     if batch is not None and batch < 1:
         raise XCompileError(f"--batch must be >= 1, got {batch}")
     targets.resolve(target)  # unknown names fail here, before an export
-    builtin = None
     if model is None:
         builtin = BuiltinSpec(batch=batch or 1)
-        model_path = str(builtin_onnx(builtin))
+        return str(builtin_onnx(builtin)), builtin
+    if not Path(model).is_file():
+        raise XCompileError(f"model file not found: {model}")
+    return model, None
+
+
+def resolve_options(model: str | None = None, target: str = targets.HOST,
+                    batch: int | None = None, output: str | None = None,
+                    custom_schedules: bool = True, cuda_graph: bool = True,
+                    tuning_log: str | None = None) -> BuildOptions:
+    """Fill in defaults and check what can be checked before any work is done."""
+    model_path, builtin = resolve_model(model, target, batch)
+    if builtin is not None:
         name = f"{builtin.name}-{target}-b{builtin.batch}"
     else:
-        if not Path(model).is_file():
-            raise XCompileError(f"model file not found: {model}")
-        model_path = model
         name = f"{Path(model).stem}-{target}" + (f"-b{batch}" if batch else "")
     if output is None:
         output = os.path.join(DEFAULT_BUILD_ROOT, name)
     if Path(output).exists() and not Path(output).is_dir():
         raise XCompileError(f"output {output} exists and is not a folder")
     writable_parent(Path(output))
+    if tuning_log is not None and tuning_log.lower() != "none":
+        from xcompile.tuning.log import resolve_folder
+
+        resolve_folder(tuning_log, targets.resolve(target).name)  # fails early when absent
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
                         output=output, custom_schedules=custom_schedules,
-                        cuda_graph=cuda_graph)
+                        cuda_graph=cuda_graph, tuning_log=tuning_log)
 
 
 def _versions() -> dict:
@@ -132,6 +145,7 @@ class Compiled:
     kernels: dict[str, str]  # kernel name -> the rule that scheduled it
     weights: list  # what ``main`` takes after the input: transformed at build time
     weight_names: list[str]
+    tuning: dict | None = None  # what a tuning log contributed
 
 
 def compile_model(opts: BuildOptions) -> Compiled:
@@ -142,7 +156,12 @@ def compile_model(opts: BuildOptions) -> Compiled:
     check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
-    opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules)
+    tuned = None
+    if opts.custom_schedules:
+        from xcompile.tuning import load_for_build
+
+        tuned = load_for_build(opts.tuning_log, preset)
+    opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}
@@ -156,7 +175,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     weights = pipeline.transform_weights(opt.weight_stages, imported.params)
     # By position: the lifted weights' variable names need not be unique.
     names = [f"w{i:04d}" for i in range(len(opt.mod["main"].params) - 1)]
-    return Compiled(preset, imported, executable, opt.kernels, weights, names)
+    return Compiled(preset, imported, executable, opt.kernels, weights, names,
+                    tuned.summary() if tuned else None)
 
 
 def build(opts: BuildOptions) -> dict:
@@ -186,6 +206,7 @@ def build(opts: BuildOptions) -> dict:
             "params": {"file": mf.PARAMS, "names": c.weight_names,
                        "onnx_names": c.imported.param_names},
             "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
+            "tuning": c.tuning,
             # Checked before loading: dlopen of a damaged .so can crash the process.
             "sha256": {name: sha256_file(tmp / name) for name in (mf.MODULE, mf.PARAMS)},
             "build_seconds": round(time.perf_counter() - start, 2),

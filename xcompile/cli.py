@@ -65,7 +65,7 @@ def cmd_build(args) -> int:
 
     opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
                            output=args.output, custom_schedules=not args.no_custom_schedules,
-                           cuda_graph=not args.no_cuda_graph)
+                           cuda_graph=not args.no_cuda_graph, tuning_log=args.tuning_log)
     manifest = build(opts)
     rules = {}
     for k in manifest["kernels"]:
@@ -73,6 +73,31 @@ def cmd_build(args) -> int:
     summary = ", ".join(f"{n} {r}" for r, n in sorted(rules.items()))
     print(f"built {opts.output} ({manifest['target']['name']}, "
           f"{len(manifest['kernels'])} kernels: {summary}) in {manifest['build_seconds']} s")
+    if manifest.get("tuning"):
+        print(f"tuning log {manifest['tuning']['log']}: "
+              f"{len(manifest['tuning']['applied'])} kernels tuned")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from xcompile.tuning import resolve_tune_options, tune
+
+    opts = resolve_tune_options(
+        model=args.model, target=args.target, batch=args.batch, trials=args.trials,
+        trials_per_task=args.trials_per_task, tasks=args.tasks, log_dir=args.log_dir,
+        rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, search=not args.only_ours)
+    m = tune(opts)
+    tuned = [t for t in m["tasks"].values() if t.get("tuned")]
+    print(f"{'task':<34} {'kind':<10} {'calls':>5} {'trials':>6} {'ours ms':>9} "
+          f"{'tuned ms':>9} {'speedup':>7}")
+    for t in sorted(tuned, key=lambda t: -(t.get("baseline_ms") or 0) * t.get("calls", 1)):
+        base, best = t.get("baseline_ms"), t.get("best_ms")
+        speed = f"{base / best:.2f}x" if base and best else "-"
+        print(f"{t['name']:<34} {t.get('kind', '?'):<10} {t.get('calls', 0):>5} "
+              f"{t.get('trials', 0):>6} {base or float('nan'):>9.3f} "
+              f"{best or float('nan'):>9.3f} {speed:>7}")
+    print(f"log {args.log_dir}: {m['trials']} trials, {m['wall_seconds']:.0f} s of tuning "
+          f"in all; convergence plot in {m['target']['name']}/convergence.png")
     return 0
 
 
@@ -221,7 +246,35 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: launch kernels one by one instead of replaying a "
                         "captured CUDA graph")
+    s.add_argument("--tuning-log", metavar="DIR|none",
+                   help="apply a tuning log (a log folder, or the --log-dir of `tune`); "
+                        "default: the log shipped for this target when there is one; "
+                        "'none': no tuning log")
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("tune", help="auto-tune a model's kernels with MetaSchedule into a "
+                                    "per-target log that builds apply")
+    s.add_argument("--model", metavar="FILE.onnx",
+                   help="ONNX model (default: built-in Xception, seed 0, 299x299)")
+    s.add_argument("--target", default=targets.HOST, metavar="NAME",
+                   help="target preset (default: host)")
+    s.add_argument("--batch", type=_positive, metavar="N", help="input batch size")
+    s.add_argument("--trials", type=_positive, default=600, metavar="N",
+                   help="measured trials the log should hold for these tasks (default 600; "
+                        "a rerun continues up to N)")
+    s.add_argument("--trials-per-task", type=_positive, metavar="M",
+                   help="at most M trials per task in this run")
+    s.add_argument("--tasks", default="separable", metavar="separable|all|REGEX",
+                   help="which kernels: depthwise and pointwise convs (default), all, or "
+                        "those whose name matches REGEX")
+    s.add_argument("--log-dir", default="tuning-logs", metavar="DIR",
+                   help="logs go to DIR/<target> (default: tuning-logs)")
+    s.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on a remote device registered with this TVM RPC tracker")
+    s.add_argument("--rpc-key", metavar="KEY", help="the remote device's key")
+    s.add_argument("--only-ours", action="store_true",
+                   help="search only our rules' tilings, not MetaSchedule's own space")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("run", help="run a build on an input, print top-5 and latency "
                                    "(an aarch64 build runs under qemu-aarch64)")

@@ -93,23 +93,34 @@ def baseline_rules(family: str) -> list:
     return schedules.rules_for("cuda") if family == "cuda" else []
 
 
-def optimize(mod, preset, custom_schedules: bool = True) -> Optimized:
+def lower(mod, preset, custom_schedules: bool = True):
+    """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
+    module's PrimFuncs are what the rules schedule and what the tuner tunes."""
+    import schedules
+
+    layout = schedules.layout_for(preset.family) if custom_schedules else None
+    with preset.tvm_target():
+        mod = graph_passes(layout)(mod)
+        mod, graph_stage = _lift_weights(mod)
+        mod = lowering_passes()(mod)
+    return mod, graph_stage
+
+
+def optimize(mod, preset, custom_schedules: bool = True, tuned=None) -> Optimized:
     """Run the stages above for ``preset``; ``custom_schedules=False`` keeps the model's
-    layout and TVM's baseline schedules (the plain path, for comparison)."""
+    layout and TVM's baseline schedules (the plain path, for comparison). ``tuned``
+    (an ``xcompile.tuning.TunedKernels``) schedules the kernels it has records for,
+    before the rules take the rest."""
     from tvm import relax
 
     import schedules
 
     family = preset.family
-    if custom_schedules:
-        rules, layout = schedules.rules_for(family), schedules.layout_for(family)
-    else:
-        rules, layout = baseline_rules(family), None
-    target = preset.tvm_target()
-    with target:
-        mod = graph_passes(layout)(mod)
-        mod, graph_stage = _lift_weights(mod)
-        mod = lowering_passes()(mod)
+    rules = schedules.rules_for(family) if custom_schedules else baseline_rules(family)
+    mod, graph_stage = lower(mod, preset, custom_schedules)
+    with preset.tvm_target():
+        if tuned is not None:
+            mod = tuned.apply_pass()(mod)
         mod = schedules.apply_rules(rules)(mod)
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
         mod, pack_stage = _lift_weights(mod)

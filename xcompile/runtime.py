@@ -66,6 +66,15 @@ def _load_cuda_runtime() -> None:
     _CUDA_LOADED = True
 
 
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA GPU that TVM's runtime can use."""
+    try:
+        _load_cuda_runtime()
+        return bool(_tvm().cuda(0).exist)
+    except Exception:  # no driver, no runtime library, no device
+        return False
+
+
 class Predictor:
     """A loaded build: call it with a numpy array, get the output(s) as numpy.
 

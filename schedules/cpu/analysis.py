@@ -109,18 +109,15 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     return Conv2DNHWC(rv, pad, epilogues, out_shape, (ext[4], ext[5]), ext[6], depthwise)
 
 
-def match_cpu_conv(func, target, depthwise: bool):
-    """``(schedule, conv)`` when ``target`` is a CPU (LLVM) target and ``func`` is a
-    convolution of the wanted kind (depthwise or dense); otherwise None."""
-    from tvm import s_tir
-
+def match_cpu_conv(sch, target, depthwise: bool) -> Conv2DNHWC | None:
+    """The convolution of ``sch`` when ``target`` is a CPU (LLVM) target and the function
+    is a convolution of the wanted kind (depthwise or dense); otherwise None."""
     if target.kind.name != "llvm":
         return None
-    sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
     if conv is None or conv.depthwise != depthwise:
         return None
-    return sch, conv
+    return conv
 
 
 def fuse_epilogue(sch, epilogues: list) -> None:

@@ -16,6 +16,9 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..rule import ConfigRule
 from .analysis import fuse_epilogue, match_cpu_conv
 from .target_info import cpu_info
 
@@ -60,33 +63,64 @@ def chunk_tiles(rows: int, mr: int, threads: int) -> int:
     return best[1]
 
 
-class ConvGEMM:
+@dataclass(frozen=True)
+class GEMMConfig:
+    """MR pixel rows x NU vectors of channels per register tile; MB tiles per chunk."""
+
+    mr: int
+    nu: int
+    mb: int
+
+
+def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
+                 cores: int) -> list[GEMMConfig]:
+    """The default tiling (``register_tile``, ``chunk_tiles``) first, then the other
+    register tiles that fit (fewer rows, other widths) with a few chunk sizes each: the
+    neighbourhood the tuner measures."""
+    mr, nu = register_tile(channels, lanes, registers)
+    out = [GEMMConfig(mr, nu, chunk_tiles(rows, mr, cores))]
+    for nu in (1, 2, 3, 4):
+        top = min(12, (registers - nu - 1) // nu)
+        for mr in sorted({top, top - 2, 4} - {0}, reverse=True):
+            if not 1 <= mr <= top:
+                continue
+            for mb in sorted({chunk_tiles(rows, mr, cores), 2, 4, 8, 16}):
+                if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
+                    config = GEMMConfig(mr, nu, mb)
+                    if config not in out:
+                        out.append(config)
+    return out
+
+
+class ConvGEMM(ConfigRule):
     """Schedule rule: dense (groups=1) NHWC/HWIO convolution -> packed register-tiled GEMM."""
 
     name = "xcompile.cpu.ConvGEMM"
+    config_type = GEMMConfig
 
-    def apply(self, func, target, _tunable=False):
-        from tvm import s_tir
+    def match(self, sch, target):
+        return match_cpu_conv(sch, target, depthwise=False)
 
-        found = match_cpu_conv(func, target, depthwise=False)
-        if found is None:
-            return None
-        sch, conv = found
+    def configs(self, conv, target) -> list[GEMMConfig]:
         info = cpu_info(target)
-        mr, nu = register_tile(conv.out_shape[3], info.lanes, info.registers)
-        try:
-            self._schedule(sch, conv, mr, nu, info)
-        except s_tir.ScheduleError:
-            return None
-        return sch
+        n, h, w, f = conv.out_shape
+        return gemm_configs(n * h * w, f, info.lanes, info.registers, info.cores)
+
+    def searchable(self, conv, config: GEMMConfig, target) -> bool:
+        # MetaSchedule times kernels on pre-packed weights and requires the packing block
+        # to be a plain copy; zero-padding the channels to whole tiles makes it a select.
+        return conv.out_shape[3] % (config.nu * cpu_info(target).lanes) == 0
+
+    def schedule(self, sch, conv, config: GEMMConfig, target) -> None:
+        self._schedule(sch, conv, config, cpu_info(target).lanes)
 
     @staticmethod
-    def _schedule(sch, conv, mr: int, nu: int, info) -> None:
+    def _schedule(sch, conv, config: GEMMConfig, lanes: int) -> None:
         from tvm.tirx import IndexMap
 
-        lanes = info.lanes
+        mr, nu, mb = config.mr, config.nu, config.mb
         n, h, w, f = conv.out_shape
-        hw, rows = h * w, n * h * w
+        hw = h * w
         nr = nu * lanes
         block = conv.block
         if conv.pad_block is not None:
@@ -101,7 +135,6 @@ class ConvGEMM:
         sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
         # Input rows: reindexed to [row, ry, rx, rc], padded to whole chunks, packed.
         gathered = sch.reindex(block, ("read", 0))
-        mb = chunk_tiles(rows, mr, info.cores)
         # Pad rows to whole chunks and channels to whole NR-wide tiles.
         sch.pad_einsum(block, [mr * mb, nr, 1, 1, 1])
         reads = [r.source for r in sch.get(block).reads]

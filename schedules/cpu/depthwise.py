@@ -8,33 +8,46 @@ write-back, rows of output pixels in parallel.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..rule import ConfigRule
 from .analysis import fuse_epilogue, match_cpu_conv
 from .target_info import cpu_info
 
 
-class Depthwise:
+@dataclass(frozen=True)
+class DepthwiseConfig:
+    """``vectors`` channel vectors x ``pixels`` output pixels of a row per register tile."""
+
+    vectors: int = 1
+    pixels: int = 1
+
+
+class Depthwise(ConfigRule):
     """Schedule rule: depthwise NHWC/HWIO convolution -> channel-vectorized direct conv."""
 
     name = "xcompile.cpu.Depthwise"
+    config_type = DepthwiseConfig
 
-    def apply(self, func, target, _tunable=False):
-        from tvm import s_tir
+    def match(self, sch, target):
+        conv = match_cpu_conv(sch, target, depthwise=True)
+        if conv is None or conv.out_shape[3] % cpu_info(target).lanes:
+            return None
+        return conv
 
-        found = match_cpu_conv(func, target, depthwise=True)
-        if found is None:
-            return None
-        sch, conv = found
-        info = cpu_info(target)
-        if conv.out_shape[3] % info.lanes:
-            return None
-        try:
-            self._schedule(sch, conv, info.lanes)
-        except s_tir.ScheduleError:
-            return None
-        return sch
+    def configs(self, conv, target) -> list[DepthwiseConfig]:
+        """One vector x one pixel (the default) first, then wider register tiles that
+        divide the channels and the row."""
+        lanes = cpu_info(target).lanes
+        _, _, width, channels = conv.out_shape
+        return [DepthwiseConfig(v, p) for v in (1, 2, 4) for p in (1, 2, 4)
+                if channels % (v * lanes) == 0 and width % p == 0]
+
+    def schedule(self, sch, conv, config: DepthwiseConfig, target) -> None:
+        self._schedule(sch, conv, cpu_info(target).lanes, config)
 
     @staticmethod
-    def _schedule(sch, conv, lanes: int) -> None:
+    def _schedule(sch, conv, lanes: int, config: DepthwiseConfig = DepthwiseConfig()) -> None:
         block = conv.block
         if conv.pad_block is not None:
             # Zero padding read in place: a select on the border, no padded copy.
@@ -43,11 +56,12 @@ class Depthwise:
         fuse_epilogue(sch, conv.epilogues)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)
         rows = sch.fuse(n, y)
-        co, cv = sch.split(c, [None, lanes])
-        sch.reorder(rows, x, co, ry, rx, rc, cv)
+        xo, xi = sch.split(x, [None, config.pixels])
+        co, cu, cv = sch.split(c, [None, config.vectors, lanes])
+        sch.reorder(rows, xo, co, ry, rx, rc, xi, cu, cv)
         sch.reverse_compute_at(wb, co)
-        sch.unroll(ry)
-        sch.unroll(rx)
+        for loop in (ry, rx, xi, cu):
+            sch.unroll(loop)
         sch.vectorize(cv)
         sch.parallel(rows)
         init = sch.decompose_reduction(block, ry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from ..rule import ConfigRule
 from .analysis import iter_kinds, root_blocks
 from .target_info import cpu_info
 
@@ -17,18 +18,21 @@ log = logging.getLogger(__name__)
 MIN_PARALLEL = 4
 
 
-class Generic:
-    """Schedule rule: parallel + vectorized loops for any PrimFunc (always applies)."""
+class Generic(ConfigRule):
+    """Schedule rule: parallel + vectorized loops for any PrimFunc (any CPU kernel)."""
 
     name = "xcompile.cpu.Generic"
 
-    def apply(self, func, target, _tunable=False):
+    def match(self, sch, target):
+        return True if target.kind.name == "llvm" else None
+
+    def configs(self, _found, target) -> list:
+        return [None]  # one schedule: nothing here is worth a search
+
+    def schedule(self, sch, _found, _config, target) -> None:
         from tvm import s_tir
 
-        if target.kind.name != "llvm":
-            return None
         info = cpu_info(target)
-        sch = s_tir.Schedule(func)
         blocks = root_blocks(sch)
         for rv in blocks[:-1]:
             if "R" not in iter_kinds(sch.get(rv)):
@@ -42,7 +46,6 @@ class Generic:
             except s_tir.ScheduleError as e:
                 log.debug("%s: left as is (%s)", sch.get(rv).name_hint,
                           str(e).splitlines()[0])
-        return sch
 
     @staticmethod
     def _block(sch, rv, lanes: int) -> None:

@@ -1,0 +1,95 @@
+"""The shape of our schedule rules: match a PrimFunc's structure, list the configurations
+that fit it (the hand-picked default first), schedule one.
+
+``apply`` is DLight's rule interface (what the build pass calls): the default
+configuration, or None when the pattern does not match. ``space`` is what the tuner
+uses: one schedule per configuration, each replayable from its trace, so MetaSchedule
+can measure our whole family of tilings next to its own search space.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class ConfigRule:
+    """Base class: subclasses define ``name``, ``match``, ``configs`` and ``schedule``;
+    ``config_type`` is the (dataclass) type of their configurations, None when a rule
+    has only one."""
+
+    name = "rule"
+    config_type = None
+
+    def config_to_json(self, config) -> dict | None:
+        from dataclasses import asdict
+
+        return asdict(config) if config is not None else None
+
+    def config_from_json(self, data: dict | None):
+        return self.config_type(**data) if self.config_type and data is not None else None
+
+    def apply_config(self, func, target, config):
+        """``func`` scheduled with ``config``, or None (no match, or it does not apply)."""
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        found = self.match(sch, target)
+        if found is None:
+            return None
+        try:
+            self.schedule(sch, found, config, target)
+        except s_tir.ScheduleError:
+            return None
+        return sch
+
+    def match(self, sch, target):
+        """What ``schedule`` needs to know about ``sch``'s function, or None."""
+        raise NotImplementedError
+
+    def configs(self, found, target) -> list:
+        """Configurations that fit ``found`` on ``target``; the default first."""
+        raise NotImplementedError
+
+    def schedule(self, sch, found, config, target) -> None:
+        """Schedule ``sch`` in place; raises ``ScheduleError`` when it cannot."""
+        raise NotImplementedError
+
+    def searchable(self, found, config, target) -> bool:
+        """Whether MetaSchedule can measure ``config``'s schedule (see ``space``)."""
+        return True
+
+    def all_configs(self, func, target) -> list:
+        """``configs`` for ``func`` (empty when the rule does not match)."""
+        from tvm import s_tir
+
+        found = self.match(s_tir.Schedule(func), target)
+        return [] if found is None else self.configs(found, target)
+
+    def apply(self, func, target, _tunable=False):
+        """The default configuration's schedule of ``func``, or None."""
+        configs = self.all_configs(func, target)
+        return self.apply_config(func, target, configs[0]) if configs else None
+
+    def space(self, sch, target) -> list:
+        """A schedule per searchable configuration, each a copy of ``sch`` (its trace
+        extended), in ``configs`` order; empty when the rule does not match."""
+        from tvm import s_tir
+
+        found = self.match(sch.copy(), target)
+        if found is None:
+            return []
+        out = []
+        for config in self.configs(found, target):
+            if not self.searchable(found, config, target):
+                continue
+            copy = sch.copy()
+            try:
+                self.schedule(copy, self.match(copy, target), config, target)
+            except s_tir.ScheduleError as e:
+                log.debug("%s: config %s does not apply (%s)", self.name, config,
+                          str(e).strip().splitlines()[0])
+                continue
+            out.append(copy)
+        return out

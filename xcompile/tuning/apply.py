@@ -1,0 +1,171 @@
+"""Applying a tuning log in a build: each kernel with a record gets the fastest
+record's schedule, when it beat our default schedule's measured latency; every other
+kernel is left to the rules. Shipped logs live in ``xcompile/tuning_logs/<preset>``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from schedules import rule_name
+
+from xcompile.errors import XCompileError
+
+from . import log as tlog
+
+log = logging.getLogger(__name__)
+
+TUNED_RULE = "meta_schedule.tuned"
+SHIPPED = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+def workload(func):
+    """MetaSchedule's workload module for a kernel: the function as ``main``."""
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def workload_hash(func) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(workload(func)))
+
+
+class TunedKernels:
+    """The usable results of one log folder for one target: per workload, our rules'
+    timed configurations (manifest) and MetaSchedule's records (database)."""
+
+    def __init__(self, folder: Path, key: str, rules: list):
+        self.folder = folder
+        manifest = tlog.read_manifest(folder)
+        if manifest is None:
+            raise XCompileError(f"tuning log {folder} has no {tlog.MANIFEST}: not an xcompile "
+                                "tuning log")
+        tlog.check_target(folder, manifest, key)
+        contents = tlog.read_log(folder, key)
+        self.workloads = contents.workloads
+        self.records = contents.best()
+        self.tasks = manifest.get("tasks", {})
+        self.rules = {rule_name(r): r for r in rules}
+        self.applied: dict[str, str] = {}  # kernel -> what scheduled it
+        self.kept: list[str] = []  # kernels whose default schedule was the fastest
+
+    def _best_config(self, entry: dict):
+        timed = [(ms, k) for k, ms in entry.get("configs", {}).items() if ms is not None]
+        return min(timed) if timed else None
+
+    def schedule(self, name: str, func):
+        """``(tuned PrimFunc, label)`` for ``func``, or None: no result for it, our
+        default schedule was the fastest, or nothing faster applies."""
+        import tvm_ffi
+
+        mod = workload(func)
+        key = str(tvm_ffi.structural_hash(mod))
+        entry = self.tasks.get(key, {})
+        baseline = entry.get("baseline_ms")
+        config = self._best_config(entry)
+        records = [r for r in self.records.get(key, [])
+                   if baseline is None or r.seconds * 1e3 < baseline]
+        if config is not None and (not records or config[0] <= records[0].seconds * 1e3):
+            records = []  # our best configuration wins
+        for rec in records:
+            tuned = self._replay(name, mod, rec)
+            if tuned is not None:
+                self.applied[name] = f"metaschedule {rec.seconds * 1e3:.3f} ms"
+                return tuned.with_attr("global_symbol", func.attrs["global_symbol"]), TUNED_RULE
+        rule = self.rules.get(entry.get("rule"))
+        if config is None or rule is None or config[1] == entry.get("default_config"):
+            if entry:
+                self.kept.append(name)
+            return None
+        sch = rule.apply_config(func, tvm_target(), rule.config_from_json(json.loads(config[1])))
+        if sch is None:
+            return None
+        self.applied[name] = f"{rule_name(rule)} {config[1]} {config[0]:.3f} ms"
+        return sch.mod["main"], f"{rule_name(rule)} (tuned)"
+
+    def _replay(self, name: str, mod, rec):
+        import tvm_ffi
+        from tvm import s_tir
+        from tvm.s_tir import meta_schedule as ms
+
+        stored = ms.database.Workload.from_json(self.workloads[rec.workload]).mod
+        if not tvm_ffi.structural_equal(stored, mod):  # a hash collision
+            return None
+        sch = s_tir.Schedule(mod)
+        try:
+            s_tir.Trace.apply_json_to_schedule(rec.raw[1][0], sch)
+        except Exception as e:  # a damaged record: the next best may apply
+            log.warning("tuning log %s: a record for %s does not apply (%s); skipped",
+                        self.folder, name, str(e).strip().splitlines()[-1][:120])
+            return None
+        return sch.mod["main"]
+
+    def apply_pass(self):
+        """A module pass scheduling every kernel this log has a winning record for."""
+        import tvm
+        from tvm import tirx
+
+        from schedules.registry import RULE_ATTR
+
+        @tvm.transform.module_pass(opt_level=0, name="xcompile.ApplyTuningLog")
+        def _pass(mod, _ctx):
+            for gvar, func in list(mod.functions_items()):
+                if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+                    continue
+                found = self.schedule(gvar.name_hint, func)
+                if found is not None:
+                    tuned, label = found
+                    mod[gvar] = (tuned.with_attr("tirx.is_scheduled", True)
+                                 .with_attr(RULE_ATTR, label))
+            log.info("tuning log %s: %d kernels tuned, %d kept our schedule", self.folder,
+                     len(self.applied), len(self.kept))
+            return mod
+
+        return _pass
+
+    def summary(self) -> dict:
+        """What a build manifest records about the log it applied."""
+        return {"log": str(self.folder), "applied": dict(sorted(self.applied.items())),
+                "kept_default": sorted(self.kept)}
+
+
+def tvm_target():
+    """The target the build pass runs under."""
+    import tvm
+
+    return tvm.target.Target.current(allow_none=False)
+
+
+def shipped_log(key: str) -> Path | None:
+    """The shipped log folder tuned for exactly the target ``key``, if there is one."""
+    if not SHIPPED.is_dir():
+        return None
+    for folder in sorted(p for p in SHIPPED.iterdir() if p.is_dir()):
+        try:
+            manifest = tlog.read_manifest(folder)
+        except XCompileError:
+            continue
+        if manifest and tlog.target_key(manifest["target"]["tvm"]) == key:
+            return folder
+    return None
+
+
+def load_for_build(spec: str | None, preset) -> TunedKernels | None:
+    """``spec``: a log folder (its own or holding ``<preset>/``), ``"none"``, or None for
+    the shipped log of this target when there is one."""
+    import schedules
+
+    key = tlog.target_key(preset.tvm_target())
+    if spec is not None and spec.lower() == "none":
+        return None
+    rules = schedules.rules_for(preset.family)
+    if spec is None:
+        folder = shipped_log(key)
+        if folder is None:
+            return None
+        log.info("using the shipped tuning log %s", folder.name)
+        return TunedKernels(folder, key, rules)
+    return TunedKernels(tlog.resolve_folder(spec, preset.name), key, rules)

@@ -1,0 +1,84 @@
+"""The untuned baseline of each task: our rules' default schedule, timed the way the
+build runs it (weights the schedule packs are packed beforehand, not per call)."""
+
+from __future__ import annotations
+
+import logging
+
+from schedules.cpu.conv_gemm import LAYOUT_REWRITE
+from schedules.registry import rule_name
+
+log = logging.getLogger(__name__)
+
+
+def _packs_weights(func) -> bool:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return any(LAYOUT_REWRITE in sch.get(b).annotations
+               for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def prepacked(func):
+    """``func`` as the build runs it: when its schedule packs weights, the kernel that
+    reads the packed weights (the build splits the packing out and runs it once)."""
+    import tvm
+    from tvm import relax
+
+    if not _packs_weights(func):
+        return func
+    bb = relax.BlockBuilder()
+    *ins, out = func.params
+    args = [relax.Var(f"a{i}", relax.TensorType([int(s) for s in p.shape], p.dtype))
+            for i, p in enumerate(ins)]
+    with bb.function("main", args):
+        gv = bb.add_func(func, "kernel")
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([int(s) for s in out.shape],
+                                                              out.dtype)))
+        bb.emit_func_output(y)
+    split = relax.transform.SplitLayoutRewritePreproc()(bb.get())
+    for gv, f in split.functions_items():
+        if gv.name_hint == "kernel_prepacked" and isinstance(f, tvm.tirx.PrimFunc):
+            return f.with_attr("global_symbol", "main")
+    return func
+
+
+def default_schedule(task, rules, target):
+    """``(rule name, workload module to time)`` for our default schedule of ``task``,
+    or None when no rule schedules it."""
+    import tvm
+
+    func = task.mod["main"]
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:
+            continue
+        if sch is not None:
+            kernel = prepacked(sch.mod["main"].with_attr("global_symbol", "main"))
+            return rule_name(rule), tvm.IRModule({"main": kernel})
+    return None
+
+
+def measure(builder, runner, mods: list, target) -> list[float | None]:
+    """Mean milliseconds of each module's ``main`` (None where building or running it
+    failed), through the tuner's own builder and runner."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    built = builder.build([BuilderInput(m, target) for m in mods])
+    order, inputs = [], []
+    for i, (m, b) in enumerate(zip(mods, built)):
+        if b.error_msg is None:
+            order.append(i)
+            inputs.append(RunnerInput(b.artifact_path, target.kind.name,
+                                      ArgInfo.from_prim_func(m["main"])))
+        else:
+            log.warning("baseline of kernel %d does not build: %s", i, b.error_msg[:200])
+    out: list[float | None] = [None] * len(mods)
+    for i, fut in zip(order, runner.run(inputs)):
+        r = fut.result()
+        if r.error_msg is None and r.run_secs:
+            out[i] = sum(float(s) for s in r.run_secs) / len(r.run_secs) * 1e3
+    return out

@@ -1,0 +1,299 @@
+"""``xcompile tune``: MetaSchedule over a model's kernels, logged per target.
+
+Flow: import the model and lower it as a build would -> extract the distinct kernels
+(tasks) -> time our default schedule of every kernel (the baseline, and the model
+estimate's starting point) -> MetaSchedule's evolutionary search over each chosen task's
+space (our rule's configurations plus MetaSchedule's own), trials shared by the
+gradient task scheduler by the tasks' weight in the model -> the JSON database, the
+manifest and the convergence plot in the log folder. A rerun resumes: trials already in
+the log count against the budget, and the search starts from the logged best.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import schedules
+import targets
+from xcompile import frontend, pipeline
+from xcompile.build import _versions, check_toolchain, resolve_model
+from xcompile.errors import XCompileError
+from xcompile.files import sha256_file, writable_parent
+from xcompile.models import BuiltinSpec
+
+from . import baseline, grid, measure, space
+from . import log as tlog
+from . import progress as prog
+from . import tasks as tk
+from .apply import workload_hash
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_DIR = "tuning-logs"
+TRIALS_PER_ITER = 32  # candidates measured per search round of a task
+
+
+class Interrupted(XCompileError):
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """A tuning run, resolved."""
+
+    model: str
+    builtin: BuiltinSpec | None
+    target: str
+    batch: int | None
+    trials: int  # total measured trials the log should hold for the chosen tasks
+    trials_per_task: int | None
+    tasks: str  # separable | all | a regular expression over task names
+    log_dir: str
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    search: bool = True  # also MetaSchedule's own space, not only our configurations
+
+    def describe(self) -> str:
+        where = f"rpc={self.rpc_tracker}/{self.rpc_key}" if self.rpc_tracker else "local"
+        return (f"model={self.model} target={self.target} batch={self.batch or 'from model'} "
+                f"trials={self.trials} trials_per_task={self.trials_per_task or '-'} "
+                f"tasks={self.tasks} log_dir={self.log_dir} measure={where} "
+                f"search={'ours+metaschedule' if self.search else 'ours'}")
+
+
+def resolve_tune_options(model: str | None = None, target: str = targets.HOST,
+                         batch: int | None = None, trials: int = 600,
+                         trials_per_task: int | None = None, tasks: str = "separable",
+                         log_dir: str = DEFAULT_LOG_DIR, rpc_tracker: str | None = None,
+                         rpc_key: str | None = None, search: bool = True) -> TuneOptions:
+    """Check everything that can be checked before any work is done."""
+    if trials < 1:
+        raise XCompileError(f"--trials must be >= 1, got {trials}")
+    if trials_per_task is not None and trials_per_task < 1:
+        raise XCompileError(f"--trials-per-task must be >= 1, got {trials_per_task}")
+    if bool(rpc_tracker) != bool(rpc_key):
+        raise XCompileError("--rpc-tracker and --rpc-key go together")
+    if rpc_tracker:
+        try:
+            measure.parse_tracker(rpc_tracker)
+        except ValueError as e:
+            raise XCompileError(str(e)) from e
+    preset = targets.resolve(target)
+    if not rpc_tracker:
+        _check_local_device(preset)
+    writable_parent(Path(log_dir) / preset.name)
+    model_path, builtin = resolve_model(model, target, batch)
+    return TuneOptions(model_path, builtin, target, batch, trials, trials_per_task, tasks,
+                       log_dir, rpc_tracker, rpc_key, search)
+
+
+def _check_local_device(preset) -> None:
+    """Candidates are timed on this machine: it must be able to run them."""
+    if preset.device == "cuda":
+        from xcompile.runtime import cuda_available
+
+        if not cuda_available():
+            raise XCompileError(f"{preset.name} tuning times candidates on a GPU and this "
+                                "machine has none; tune on a GPU machine or give "
+                                "--rpc-tracker/--rpc-key")
+    elif preset.arch != targets.detect_arch():
+        raise XCompileError(f"{preset.name} code does not run on this {targets.detect_arch()} "
+                            "machine; measure on the device with --rpc-tracker/--rpc-key")
+    elif preset.name != targets.HOST and not _host_runs(preset):
+        raise XCompileError(f"this CPU lacks instructions {preset.name} code uses; tune "
+                            "--target host, or measure on such a CPU through --rpc-tracker")
+
+
+def _host_runs(preset) -> bool:
+    from schedules.cpu.target_info import cpu_info
+
+    return cpu_info(preset.tvm_target()).lanes <= cpu_info(
+        targets.resolve(targets.HOST).tvm_target()).lanes
+
+
+def _new_manifest(preset, key: str) -> dict:
+    import json
+
+    return {"format": tlog.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
+            "versions": _versions(), "models": {}, "tasks": {}, "trials": 0,
+            "wall_seconds": 0.0, "runs": []}
+
+
+def tune(opts: TuneOptions) -> dict:
+    """Tune ``opts.model`` for ``opts.target``; returns the log's manifest."""
+    from tvm.s_tir import meta_schedule as ms
+
+    started = time.perf_counter()
+    log.info("tune options: %s", opts.describe())
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # MetaSchedule logs a full task table after every batch; our progress line
+        # says what matters. Its per-task logs still go to <log>/logs.
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    preset = targets.resolve(opts.target)
+    if opts.rpc_tracker:
+        check_toolchain(preset)
+    target = preset.tvm_target()
+    key = tlog.target_key(target)
+    imported = frontend.import_onnx(frontend.load_onnx(opts.model), batch=opts.batch,
+                                    source=opts.model)
+    lowered, _ = pipeline.lower(imported.mod, preset)
+    all_tasks = tk.extract(lowered, target)
+    chosen = tk.select(all_tasks, opts.tasks)
+    hashes = {t.name: workload_hash(t.mod["main"]) for t in all_tasks}
+
+    folder = Path(opts.log_dir) / preset.name
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = tlog.read_manifest(folder)
+    tlog.check_target(folder, manifest, key)
+    contents = tlog.read_log(folder, key)
+    tlog.rewrite_clean(folder, contents)
+    manifest = manifest or _new_manifest(preset, key)
+    manifest["models"][sha256_file(opts.model)] = {
+        "path": str(Path(opts.model).resolve()), "batch": opts.batch,
+        "builtin": opts.builtin.to_json() if opts.builtin else None}
+
+    space.import_tensor_intrinsics(preset.device)
+    rules = schedules.rules_for(preset.family)
+    cores = int(target.attrs.get("num-cores", targets.host_cores()))
+    builder = measure.make_builder(target, cores, preset.cross_cc if opts.rpc_tracker else None)
+    runner = (measure.rpc_runner(opts.rpc_tracker, opts.rpc_key) if opts.rpc_tracker
+              else measure.make_local_runner(cores, preset.device))
+    interrupted = False
+    try:
+        entries = manifest["tasks"]
+        _baselines(entries, all_tasks, hashes, rules, target, builder, runner)
+        done = {t.name: len(contents.best().get(hashes[t.name], []))
+                + len(entries[hashes[t.name]].get("configs", {})) for t in chosen}
+        best = _best_ms(entries, all_tasks, hashes, contents)
+        progress = prog.Progress(chosen, best, {t.name: t.weight for t in all_tasks},
+                                 sum(done.values()), opts.trials, folder / tlog.CURVE_CSV,
+                                 float(manifest.get("wall_seconds", 0.0)))
+        remaining = opts.trials - sum(done.values())
+        if remaining > 0:
+            # Our configurations first (half the budget when MetaSchedule's space
+            # follows): cheap to build, and the search then starts from their best.
+            share = remaining // 2 if opts.search else remaining
+            by_name = {schedules.rule_name(r): r for r in rules}
+            remaining -= grid.run_grid(chosen, entries, hashes, by_name, target, builder,
+                                       runner, share, progress)
+            tlog.write_manifest(folder, manifest)
+        cap = opts.trials_per_task or opts.trials
+        todo = [t for t in chosen if done[t.name] < cap]
+        if remaining <= 0 or not todo or not opts.search:
+            log.info("%d trials in the log for these tasks; no search to run",
+                     progress.trials)
+        else:
+            log.info("MetaSchedule search over %d tasks, %d trials", len(todo), remaining)
+            contexts = [_context(t, rules, target) for t in todo]
+            try:
+                database = ms.database.JSONDatabase(
+                    path_workload=str(folder / tlog.WORKLOADS),
+                    path_tuning_record=str(folder / tlog.RECORDS), allow_missing=True)
+            except Exception as e:
+                raise XCompileError(f"tuning log {folder} is damaged: "
+                                    f"{str(e).strip().splitlines()[-1][:200]}") from e
+            callbacks = [ms.measure_callback.AddToDatabase(),
+                         ms.measure_callback.RemoveBuildArtifact(),
+                         ms.measure_callback.UpdateCostModel(),
+                         prog.callback(progress, [t.name for t in todo])]
+            ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in todo],
+                          work_dir=str(folder), max_trials_global=remaining,
+                          max_trials_per_task=min(cap, remaining),
+                          num_trials_per_iter=TRIALS_PER_ITER, builder=builder,
+                          runner=runner, database=database, cost_model="xgb",
+                          measure_callbacks=callbacks, task_scheduler="gradient")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        log.info("time spent: building %.1f s, measuring %.1f s, in all %.1f s",
+                 builder.seconds, getattr(runner, "seconds", float("nan")),
+                 time.perf_counter() - started)
+        builder.close()
+        if hasattr(runner, "close"):
+            runner.close()
+    contents = tlog.read_log(folder, key)
+    _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts)
+    tlog.write_manifest(folder, manifest)
+    if (folder / tlog.CURVE_CSV).is_file():
+        prog.plot(folder / tlog.CURVE_CSV, folder / tlog.CURVE_PNG,
+                  f"{Path(opts.model).name} on {preset.name}: estimated latency vs trials")
+    if interrupted:
+        raise Interrupted(f"interrupted; the log {folder} keeps {manifest['trials']} trials; "
+                          "run the same command again to resume")
+    return manifest
+
+
+def _context(task, rules, target):
+    from tvm.s_tir import meta_schedule as ms
+
+    rule = space.first_rule(rules, task.mod["main"], target)
+    return ms.TuneContext(
+        mod=task.mod, target=target, space_generator=space.design_space(rule, target),
+        search_strategy=ms.search_strategy.EvolutionarySearch(
+            population_size=128, init_min_unmeasured=32, genetic_num_iters=2),
+        task_name=task.name, num_threads=int(target.attrs.get("num-cores", 1)))
+
+
+def _baselines(entries, all_tasks, hashes, rules, target, builder, runner) -> None:
+    """Time our default schedule of every task not timed before (all of the model's
+    kernels: the model estimate needs them)."""
+    missing = [t for t in all_tasks if entries.get(hashes[t.name], {}).get("baseline_ms") is None]
+    if not missing:
+        return
+    log.info("timing our default schedules of %d kernels", len(missing))
+    plans = []  # (rule name, config key or None, module)
+    for t in missing:
+        rule = space.first_rule(rules, t.mod["main"], target)
+        if rule is not None and hasattr(rule, "all_configs"):
+            key, mod = grid.candidates(t, rule, target)[0]
+            plans.append((schedules.rule_name(rule), key, mod))
+        else:
+            found = baseline.default_schedule(t, rules, target)
+            plans.append((found[0], None, found[1]) if found else (None, None, t.mod))
+    times = baseline.measure(builder, runner, [p[2] for p in plans], target)
+    for t, (rule, key, _), ms_ in zip(missing, plans, times):
+        entry = {"name": t.name, "kind": t.kind, "calls": t.weight, "flops": t.flops,
+                 "rule": rule, "baseline_ms": ms_}
+        if key is not None:
+            entry["default_config"] = key
+            entry["configs"] = {key: ms_}
+        entries[hashes[t.name]] = entry
+
+
+def _best_ms(entries, all_tasks, hashes, contents) -> dict[str, float]:
+    """Task name -> the best latency known: our configurations' or the log's records'."""
+    records = contents.best()
+    out = {}
+    for t in all_tasks:
+        h = hashes[t.name]
+        entry = entries.get(h, {})
+        cands = [entry.get("baseline_ms"), *entry.get("configs", {}).values()]
+        if records.get(h):
+            cands.append(records[h][0].seconds * 1e3)
+        cands = [c for c in cands if c is not None]
+        if cands:
+            out[t.name] = min(cands)
+    return out
+
+
+def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts) -> None:
+    records = contents.best()
+    names = {t.name for t in chosen}
+    for t in all_tasks:
+        entry = manifest["tasks"].setdefault(hashes[t.name], {"name": t.name})
+        recs = records.get(hashes[t.name], [])
+        timed = [v for v in entry.get("configs", {}).values() if v is not None]
+        entry["trials"] = len(recs) + len(entry.get("configs", {}))
+        best = [*timed, *([recs[0].seconds * 1e3] if recs else [])]
+        entry["best_ms"] = min(best) if best else None
+        entry["tuned"] = entry.get("tuned", False) or t.name in names
+    seconds = time.perf_counter() - started
+    manifest["trials"] = (sum(len(r) for r in records.values())
+                          + sum(len(e.get("configs", {})) for e in manifest["tasks"].values()))
+    manifest["wall_seconds"] = round(float(manifest.get("wall_seconds", 0.0)) + seconds, 1)
+    manifest["runs"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "seconds": round(seconds, 1), "options": opts.describe()})
+    manifest["versions"] = _versions()

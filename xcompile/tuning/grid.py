@@ -1,0 +1,64 @@
+"""Our rules' own configurations, each timed: the first phase of a tuning run.
+
+Every configuration a rule lists for a task (register tiles, chunk sizes, vector
+widths) is built and timed as the build would run it. This covers what MetaSchedule
+cannot measure itself: its runner needs weight packing to be a plain copy, and our
+tilings that pad channels to whole register tiles pack with zero fill. Results go to
+the log's manifest (``tasks[<workload>].configs``), next to MetaSchedule's records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from .baseline import measure, prepacked
+
+log = logging.getLogger(__name__)
+
+
+def config_key(config_json) -> str:
+    return json.dumps(config_json, sort_keys=True)
+
+
+def candidates(task, rule, target) -> list[tuple[str, object]]:
+    """``(config key, module to time)`` for each configuration of ``rule`` on ``task``,
+    the default first."""
+    import tvm
+
+    func = task.mod["main"]
+    out = []
+    for config in rule.all_configs(func, target):
+        sch = rule.apply_config(func, target, config)
+        if sch is None:
+            continue
+        kernel = prepacked(sch.mod["main"].with_attr("global_symbol", "main"))
+        out.append((config_key(rule.config_to_json(config)), tvm.IRModule({"main": kernel})))
+    return out
+
+
+def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, builder,
+             runner, budget: int, progress, batch: int = 32) -> int:
+    """Time untimed configurations of the ``chosen`` tasks, heaviest tasks first, at
+    most ``budget`` of them; returns how many were timed."""
+    order = sorted(chosen, key=lambda t: -(entries[hashes[t.name]].get("baseline_ms") or 0)
+                   * t.weight)
+    spent = 0
+    for task in order:
+        entry = entries[hashes[task.name]]
+        rule = rules_by_name.get(entry.get("rule"))
+        if rule is None or not hasattr(rule, "all_configs"):
+            continue
+        timed = entry.setdefault("configs", {})
+        todo = [(k, m) for k, m in candidates(task, rule, target) if k not in timed]
+        todo = todo[: max(budget - spent, 0)]
+        for i in range(0, len(todo), batch):
+            part = todo[i:i + batch]
+            times = measure(builder, runner, [m for _, m in part], target)
+            for (key, _), ms in zip(part, times):
+                timed[key] = ms
+            spent += len(part)
+            progress.update(task.name, times)
+        if spent >= budget:
+            break
+    return spent
