@@ -74,7 +74,7 @@ class TunedKernels:
             tuned = self._replay(name, mod, rec)
             if tuned is not None:
                 self.applied[name] = f"metaschedule {rec.seconds * 1e3:.3f} ms"
-                return tuned.with_attr("global_symbol", func.attrs["global_symbol"]), TUNED_RULE
+                return _same_symbol(tuned, func), TUNED_RULE
         rule = self.rules.get(entry.get("rule"))
         if config is None or rule is None or config[1] == entry.get("default_config"):
             if entry:
@@ -130,6 +130,14 @@ class TunedKernels:
         """What a build manifest records about the log it applied."""
         return {"log": str(self.folder), "applied": dict(sorted(self.applied.items())),
                 "kept_default": sorted(self.kept)}
+
+
+def _same_symbol(tuned, func):
+    """``tuned`` with ``func``'s global symbol (or none, as the pipeline's kernels have)."""
+    symbol = func.attrs.get("global_symbol") if func.attrs else None
+    if symbol is None:
+        return tuned.without_attr("global_symbol")
+    return tuned.with_attr("global_symbol", symbol)
 
 
 def tvm_target():

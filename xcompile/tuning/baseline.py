@@ -67,12 +67,13 @@ def measure(builder, runner, mods: list, target) -> list[float | None]:
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
+    device = "cuda" if target.kind.name == "cuda" else "cpu"
     built = builder.build([BuilderInput(m, target) for m in mods])
     order, inputs = [], []
     for i, (m, b) in enumerate(zip(mods, built)):
         if b.error_msg is None:
             order.append(i)
-            inputs.append(RunnerInput(b.artifact_path, target.kind.name,
+            inputs.append(RunnerInput(b.artifact_path, device,
                                       ArgInfo.from_prim_func(m["main"])))
         else:
             log.warning("baseline of kernel %d does not build: %s", i, b.error_msg[:200])
@@ -81,4 +82,6 @@ def measure(builder, runner, mods: list, target) -> list[float | None]:
         r = fut.result()
         if r.error_msg is None and r.run_secs:
             out[i] = sum(float(s) for s in r.run_secs) / len(r.run_secs) * 1e3
+        else:
+            log.warning("kernel %d failed to run: %s", i, (r.error_msg or "no time")[-200:])
     return out

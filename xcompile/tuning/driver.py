@@ -199,10 +199,13 @@ def tune(opts: TuneOptions) -> dict:
                          ms.measure_callback.RemoveBuildArtifact(),
                          ms.measure_callback.UpdateCostModel(),
                          prog.callback(progress, [t.name for t in todo])]
+            per_iter = TRIALS_PER_ITER
+            if remaining < per_iter * len(todo):  # a small budget: every task gets some
+                per_iter = cap = min(cap, -(-remaining // len(todo)))
             ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in todo],
                           work_dir=str(folder), max_trials_global=remaining,
                           max_trials_per_task=min(cap, remaining),
-                          num_trials_per_iter=TRIALS_PER_ITER, builder=builder,
+                          num_trials_per_iter=per_iter, builder=builder,
                           runner=runner, database=database, cost_model="xgb",
                           measure_callbacks=callbacks, task_scheduler="gradient")
     except KeyboardInterrupt:

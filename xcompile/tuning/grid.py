@@ -39,26 +39,34 @@ def candidates(task, rule, target) -> list[tuple[str, object]]:
 
 def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, builder,
              runner, budget: int, progress, batch: int = 32) -> int:
-    """Time untimed configurations of the ``chosen`` tasks, heaviest tasks first, at
-    most ``budget`` of them; returns how many were timed."""
+    """Time untimed configurations of the ``chosen`` tasks, at most ``budget`` of them:
+    an equal share each first, then what is left to the heaviest tasks (calls x
+    latency). Returns how many were timed."""
     order = sorted(chosen, key=lambda t: -(entries[hashes[t.name]].get("baseline_ms") or 0)
                    * t.weight)
     spent = 0
-    for task in order:
-        entry = entries[hashes[task.name]]
-        rule = rules_by_name.get(entry.get("rule"))
-        if rule is None or not hasattr(rule, "all_configs"):
-            continue
-        timed = entry.setdefault("configs", {})
-        todo = [(k, m) for k, m in candidates(task, rule, target) if k not in timed]
-        todo = todo[: max(budget - spent, 0)]
-        for i in range(0, len(todo), batch):
-            part = todo[i:i + batch]
-            times = measure(builder, runner, [m for _, m in part], target)
-            for (key, _), ms in zip(part, times):
-                timed[key] = ms
-            spent += len(part)
-            progress.update(task.name, times)
-        if spent >= budget:
-            break
+    share = max(budget // max(len(order), 1), 1)
+    for limit in (share, budget):
+        for task in order:
+            left = min(limit, budget - spent)
+            if left <= 0:
+                break
+            spent += _time_task(task, entries[hashes[task.name]], rules_by_name, target,
+                                builder, runner, left, progress, batch)
     return spent
+
+
+def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progress,
+               batch) -> int:
+    rule = rules_by_name.get(entry.get("rule"))
+    if rule is None or not hasattr(rule, "all_configs"):
+        return 0
+    timed = entry.setdefault("configs", {})
+    todo = [(k, m) for k, m in candidates(task, rule, target) if k not in timed][:limit]
+    for i in range(0, len(todo), batch):
+        part = todo[i:i + batch]
+        times = measure(builder, runner, [m for _, m in part], target)
+        for (key, _), ms in zip(part, times):
+            timed[key] = ms
+        progress.update(task.name, times)
+    return len(todo)
