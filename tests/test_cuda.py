@@ -6,8 +6,12 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import max_rel_err, ort_run, run_cli
+from conftest import assert_one_line_error, max_rel_err, ort_run, run_cli
 from xcompile.build import compile_model, resolve_options
+
+# CUDA builds compile their kernels with nvcc; without the CUDA toolkit they are an error.
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="CUDA builds need nvcc (the CUDA toolkit)")
 
 
 def _cuda_sources(module) -> list[str]:
@@ -62,6 +66,36 @@ def test_cuda_xception_kernels_bound_to_threads(xception71_onnx):
                    if isinstance(f, tvm.tirx.PrimFunc))
 
 
+def test_cuda_module_carries_a_fatbin_for_each_arch(mobile_onnx, tmp_path):
+    """The exported module holds compiled GPU code (no compiler needed to load it), for
+    every architecture asked for."""
+    out = tmp_path / "cuda"
+    proc = run_cli("build", "--model", str(mobile_onnx), "--target", "cuda-sm90",
+                   "--cuda-arch", "sm_80,sm_90", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from xcompile.cuda_codegen import embedded_code
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["gpu_code"]["archs"] == ["sm_80", "sm_90"]
+    found = embedded_code(out / "module.so")  # read from the file, not the manifest
+    assert found["fatbins"] == 1
+    assert found["sass"] == ["sm_80", "sm_90"]
+    assert not found["cuda_source"]  # nothing left to compile at load time
+    # The check can fail: a CPU module has no fatbin.
+    cpu = tmp_path / "cpu"
+    assert run_cli("build", "--model", str(mobile_onnx), "-o", str(cpu)).returncode == 0
+    assert embedded_code(cpu / "module.so")["fatbins"] == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--target", "cuda", "--cuda-arch", "compute_90"], "sm_XX"),
+    (["--target", "host", "--cuda-arch", "sm_90"], "CUDA targets"),
+])
+def test_cuda_arch_option_errors(mobile_onnx, tmp_path, args, needle):
+    proc = run_cli("build", "--model", str(mobile_onnx), *args, "-o", str(tmp_path / "b"))
+    assert_one_line_error(proc, needle)
+
+
 def test_cuda_build_folder(mobile_onnx, tmp_path):
     out = tmp_path / "cuda"
     proc = run_cli("build", "--model", str(mobile_onnx), "--target", "cuda-sm86",
@@ -108,8 +142,6 @@ def test_cuda_graph_is_off_on_cpu(mobile_onnx):
 
 @pytest.mark.skipif(_gpu_available(), reason="checks the message on machines without a GPU")
 def test_cuda_build_without_a_driver_is_a_clear_error(mobile_onnx, tmp_path):
-    from conftest import assert_one_line_error
-
     out = tmp_path / "cuda-nodriver"
     assert run_cli("build", "--model", str(mobile_onnx), "--target", "cuda",
                    "-o", str(out)).returncode == 0

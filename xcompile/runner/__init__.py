@@ -62,6 +62,9 @@ def _cache() -> Path:
     return cache_dir() / "runner"
 
 
+CUDART = "libcudart.so.13"  # what libtvm_runtime_cuda.so of apache-tvm 0.27 links
+
+
 def runtime_libs(arch: str) -> Path:
     """A folder holding libtvm_runtime.so and libtvm_ffi.so for ``arch``."""
     from targets import detect_arch
@@ -80,6 +83,24 @@ def runtime_libs(arch: str) -> Path:
                 dst.chmod(0o755)
         return folder
     return _foreign_libs(arch)
+
+
+def cuda_libs() -> list[Path]:
+    """What a CUDA build needs besides the CPU runtime: TVM's CUDA runtime library and
+    the CUDA runtime it links (from the CUDA toolkit; the driver comes with the GPU)."""
+    import tvm
+
+    found = [Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"]
+    nvcc = shutil.which("nvcc")
+    roots = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    roots += [Path("/usr/local/cuda")]
+    for root in roots:
+        for sub in ("lib", "lib64", "targets/x86_64-linux/lib"):
+            cudart = root / sub / CUDART
+            if cudart.is_file():
+                return found + [cudart]
+    raise XCompileError(f"{CUDART} not found (it comes with the CUDA toolkit; set CUDA_HOME)")
 
 
 def _foreign_libs(arch: str) -> Path:
@@ -125,7 +146,7 @@ def build_runner(arch: str) -> Path:
     with atomic_path(exe) as tmp:
         cmd = [tc.cxx, "-std=c++17", "-O2", "-o", str(tmp), str(SOURCE),
                f"-I{include}", f"-I{include / 'dlpack'}", f"-L{libs}",
-               "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/lib"]
+               "-ltvm_runtime", "-ltvm_ffi", "-ldl", "-Wl,-rpath,$ORIGIN/lib"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise XCompileError(f"building the {arch} runner failed: "

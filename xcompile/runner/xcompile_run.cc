@@ -4,14 +4,18 @@
 //
 // Loads BUILD_DIR/module.so (a Relax VM executable) and BUILD_DIR/params.bin (weights in
 // TVM's parameter format, named so that sorting the names gives the call order), runs
-// `main(input, *weights)` on the CPU, writes the first output as .npy and prints the
-// median latency. Links libtvm_runtime and libtvm_ffi only. Every failure is one
+// `main(input, *weights)` on the build's device (the CPU, or CUDA GPU 0 when the manifest
+// says "device": "cuda"), writes the first output as .npy and prints the median latency.
+// Links libtvm_runtime and libtvm_ffi only; a CUDA build loads libtvm_runtime_cuda.so
+// (and through it the CUDA runtime and driver) at run time. Every failure is one
 // `error: ...` line on stderr and exit status 2.
 #include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -169,6 +173,47 @@ ffi::Tensor ToTensor(const Npy& npy) {
 
 std::string FirstLine(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// The build's device, from its manifest (written by xcompile, so a plain search will do).
+bool IsCudaBuild(const std::string& dir) {
+  std::ifstream f(dir + "/manifest.json");
+  if (!f) return false;
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str().find("\"device\": \"cuda\"") != std::string::npos;
+}
+
+// TVM's CUDA device API lives in its own library; load it next to libtvm_runtime.so.
+void LoadCudaRuntime() {
+  Dl_info info;
+  std::string lib = "libtvm_runtime_cuda.so";
+  void* any = dlsym(RTLD_DEFAULT, "TVMFFIEnvGetStream");
+  if (any != nullptr && dladdr(any, &info) != 0 && info.dli_fname != nullptr) {
+    std::string runtime = info.dli_fname;
+    std::string dir = runtime.substr(0, runtime.rfind('/') + 1);
+    if (std::ifstream(dir + lib)) lib = dir + lib;
+    // A bundle carries the CUDA runtime library beside it; load that one first.
+    if (std::ifstream(dir + "libcudart.so.13")) {
+      dlopen((dir + "libcudart.so.13").c_str(), RTLD_NOW | RTLD_GLOBAL);
+    }
+  }
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    throw UserError(std::string("this build runs on CUDA, but TVM's CUDA runtime cannot load: ") +
+                    (why ? why : lib));
+  }
+}
+
+// A copy of `t` on `dev` (TVM's own allocator and copy, any device pair).
+ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
+  static ffi::Function empty = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
+  static ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromTo");
+  ffi::Tensor out = empty(ffi::Shape(t.shape().begin(), t.shape().end()), t.dtype(), dev,
+                          ffi::Optional<ffi::String>())
+                        .cast<ffi::Tensor>();
+  copy(t, out);
+  return out;
+}
+
 // TVM's thread pool halves hardware_concurrency() on x86 (it assumes hyper-threading);
 // give it every core this process may use, unless the user chose a number.
 void ConfigureThreads() {
@@ -203,10 +248,19 @@ int Run(int argc, char** argv) {
   Npy x = ReadNpy(input);
   ConfigureThreads();
 
+  bool cuda = IsCudaBuild(dir);
+  if (cuda) LoadCudaRuntime();
+  DLDevice dev = cuda ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
+
   ffi::Module lib = ffi::Module::LoadFromFile(module_path);
   ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   constexpr int kPooledAllocator = 2;
-  vm->GetFunction("vm_initialization").value()(int(kDLCPU), 0, kPooledAllocator);
+  if (cuda) {  // the GPU, and the CPU as the host device
+    vm->GetFunction("vm_initialization").value()(int(kDLCUDA), 0, kPooledAllocator,
+                                                   int(kDLCPU), 0, kPooledAllocator);
+  } else {
+    vm->GetFunction("vm_initialization").value()(int(kDLCPU), 0, kPooledAllocator);
+  }
   ffi::Function load_params = ffi::Function::GetGlobalRequired("runtime.LoadParams");
   std::string blob = ReadFile(params_path);
   auto params = load_params(ffi::Bytes(blob.data(), blob.size()))
@@ -216,23 +270,32 @@ int Run(int argc, char** argv) {
   std::sort(names.begin(), names.end());
 
   std::vector<ffi::Any> args;
-  args.push_back(ToTensor(x));
-  for (const auto& name : names) args.push_back(params.at(ffi::String(name)));
+  args.push_back(cuda ? CopyTo(ToTensor(x), dev) : ToTensor(x));
+  for (const auto& name : names) {
+    ffi::Tensor w = params.at(ffi::String(name));
+    args.push_back(cuda ? CopyTo(w, dev) : w);
+  }
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Function main_fn = vm->GetFunction("main").value();
 
   ffi::Any result;
   std::vector<double> ms;
+  // Kernels run asynchronously on a GPU: time up to the copy-back that waits for them.
+  auto first_output = [&]() {
+    ffi::Tensor t = result.as<ffi::Tensor>().has_value()
+                        ? result.cast<ffi::Tensor>()
+                        : result.cast<ffi::Array<ffi::Any>>()[0].cast<ffi::Tensor>();
+    return cuda ? CopyTo(t, DLDevice{kDLCPU, 0}) : t;
+  };
+  ffi::Tensor out;
   for (int r = 0; r < repeat; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     main_fn.CallPacked(views.data(), int32_t(views.size()), &result);
+    out = first_output();
     ms.push_back(std::chrono::duration<double, std::milli>(
                      std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
-  ffi::Tensor out = result.as<ffi::Tensor>().has_value()
-                        ? result.cast<ffi::Tensor>()
-                        : result.cast<ffi::Array<ffi::Any>>()[0].cast<ffi::Tensor>();
   if (!output.empty()) WriteNpy(output, out);
   std::cout << "latency: median " << ms[ms.size() / 2] << " ms, min " << ms.front()
             << " ms over " << repeat << " runs" << std::endl;

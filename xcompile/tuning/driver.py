@@ -3,8 +3,8 @@
 Flow: import the model and lower it as a build would -> extract the distinct kernels
 (tasks) -> time our default schedule of every kernel (the baseline, and the model
 estimate's starting point) -> MetaSchedule's evolutionary search over each chosen task's
-space (our rule's configurations plus MetaSchedule's own), trials shared by the
-gradient task scheduler by the tasks' weight in the model -> the JSON database, the
+space (our rule's configurations plus MetaSchedule's own), trials shared by our task
+scheduler by the tasks' share of the model's time -> the JSON database, the
 manifest and the convergence plot in the log folder. A rerun resumes: trials already in
 the log count against the budget, and the search starts from the logged best.
 """
@@ -24,7 +24,7 @@ from xcompile.errors import XCompileError
 from xcompile.files import sha256_file, writable_parent
 from xcompile.models import BuiltinSpec
 
-from . import baseline, grid, measure, space
+from . import baseline, grid, measure, scheduler, space
 from . import log as tlog
 from . import progress as prog
 from . import tasks as tk
@@ -78,9 +78,10 @@ def resolve_tune_options(model: str | None = None, target: str = targets.HOST,
         raise XCompileError("--rpc-tracker and --rpc-key go together")
     if rpc_tracker:
         try:
-            measure.parse_tracker(rpc_tracker)
+            host, port = measure.parse_tracker(rpc_tracker)
         except ValueError as e:
             raise XCompileError(str(e)) from e
+        measure.check_tracker(host, port, rpc_key)
     preset = targets.resolve(target)
     if not rpc_tracker:
         _check_local_device(preset)
@@ -207,7 +208,10 @@ def tune(opts: TuneOptions) -> dict:
                           max_trials_per_task=min(cap, remaining),
                           num_trials_per_iter=per_iter, builder=builder,
                           runner=runner, database=database, cost_model="xgb",
-                          measure_callbacks=callbacks, task_scheduler="gradient")
+                          measure_callbacks=callbacks,
+                          task_scheduler=scheduler.joined_scheduler(
+                              [float(t.weight) for t in todo],
+                              lambda i: progress.best_ms.get(todo[i].name, 1.0)))
     except KeyboardInterrupt:
         interrupted = True
     finally:

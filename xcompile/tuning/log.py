@@ -176,3 +176,30 @@ def resolve_folder(path: str | os.PathLike, preset_name: str) -> Path:
     if (sub / MANIFEST).is_file() or (sub / RECORDS).is_file():
         return sub
     raise XCompileError(f"no tuning log in {path} (nor in {sub})")
+
+
+def export_best(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the log in ``folder`` to ``dst`` keeping only the fastest record of each
+    workload (what a build applies), with the manifest and the convergence files: how
+    the logs shipped in ``xcompile/tuning_logs`` are made."""
+    import shutil
+
+    from xcompile.files import atomic_dir
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise XCompileError(f"no tuning log in {folder}")
+    contents = read_log(folder, json.dumps(manifest["target"]["tvm"], sort_keys=True))
+    best = [recs[0] for recs in contents.best().values()]
+    with atomic_dir(dst) as tmp:
+        keep = sorted({r.workload for r in best})
+        index = {old: new for new, old in enumerate(keep)}
+        (tmp / WORKLOADS).write_text("".join(json.dumps(contents.workloads[i]) + "\n"
+                                             for i in keep))
+        (tmp / RECORDS).write_text("".join(json.dumps([index[r.workload], r.raw[1]]) + "\n"
+                                           for r in best))
+        for name in (MANIFEST, CURVE_CSV, CURVE_PNG):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+    return Path(dst)

@@ -16,6 +16,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from xcompile.errors import XCompileError
+
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -192,11 +194,35 @@ def rpc_runner(tracker: str, key: str, evaluator: Evaluator = Evaluator()):
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
     host, port = parse_tracker(tracker)
+    check_tracker(host, port, key)
     config = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                        session_priority=1, session_timeout_sec=60)
     return RPCRunner(config, EvaluatorConfig(number=evaluator.number, repeat=evaluator.repeat,
                                              min_repeat_ms=evaluator.min_repeat_ms,
                                              enable_cpu_cache_flush=False), max_workers=1)
+
+
+def tracker_keys(host: str, port: int) -> set[str]:
+    """The device keys registered with the tracker at ``host:port``."""
+    import socket
+
+    from tvm import rpc
+
+    try:  # fail fast: TVM's own client retries for a long time
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise XCompileError(f"cannot reach the RPC tracker at {host}:{port} "
+                            f"({e.strerror or e})") from e
+    return set(rpc.connect_tracker(host, port).summary().get("queue_info", {}))
+
+
+def check_tracker(host: str, port: int, key: str) -> None:
+    """The tracker answers and has a device under ``key`` (else the runner would wait
+    for one forever)."""
+    keys = tracker_keys(host, port)
+    if key not in keys:
+        raise XCompileError(f"no device is registered under key {key!r} at the RPC tracker "
+                            f"{host}:{port} (keys there: {', '.join(sorted(keys)) or 'none'})")
 
 
 def parse_tracker(text: str) -> tuple[str, int]:

@@ -1,0 +1,352 @@
+"""Tuning: a tiny MetaSchedule session on one depthwise and one pointwise task of a small
+separable CNN, resumed, applied in builds that must still match ONNX Runtime, and the
+log's failure modes (truncated, garbage, other target, damaged trace, kill -9, RPC)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_cli
+
+TRIALS = 14  # 2 baselines + 6 of our configurations + ~8 from MetaSchedule's search
+
+
+def _task_names(onnx_path) -> dict[str, str]:
+    import targets
+    from xcompile import frontend, pipeline
+    from xcompile.tuning import tasks
+
+    preset = targets.resolve("host")
+    imported = frontend.import_onnx(frontend.load_onnx(onnx_path))
+    lowered, _ = pipeline.lower(imported.mod, preset)
+    out = {}
+    for t in tasks.extract(lowered, preset.tvm_target()):
+        out.setdefault(t.kind, t.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def names(mobile_onnx):
+    return _task_names(mobile_onnx)
+
+
+@pytest.fixture(scope="module")
+def regex(names):
+    return f"^({names['depthwise']}|{names['pointwise']})$"
+
+
+@pytest.fixture(scope="module")
+def tuned(mobile_onnx, regex, tmp_path_factory):
+    """(log dir, first run's process): a 14-trial session."""
+    logs = tmp_path_factory.mktemp("tune") / "logs"
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", str(TRIALS), "--tasks",
+                   regex, "--log-dir", str(logs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return logs, proc
+
+
+def _copy(logs: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "logs"
+    shutil.copytree(logs, dst)
+    return dst
+
+
+def _lines(path: Path) -> list:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _host_key() -> str:
+    import targets
+    from xcompile.tuning.log import target_key
+
+    return target_key(targets.resolve("host").tvm_target())
+
+
+def _task_trials(manifest: dict, names) -> dict[str, int]:
+    return {t["name"]: t["trials"] for t in manifest["tasks"].values() if t["name"] in names}
+
+
+def test_classifies_the_separable_kernels(names):
+    assert {"depthwise", "pointwise", "conv", "other"} <= set(names)
+
+
+def test_tune_writes_a_valid_log(tuned, names):
+    logs, proc = tuned
+    folder = logs / "host"
+    manifest = json.loads((folder / "tuning.json").read_text())
+    assert json.dumps(manifest["target"]["tvm"], sort_keys=True) == _host_key()
+    assert manifest["versions"]["tvm"].startswith("0.27")
+    trials = _task_trials(manifest, {names["depthwise"], names["pointwise"]})
+    # Both tasks got trials, and the budget held (MetaSchedule rounds up per task).
+    assert all(n >= 2 for n in trials.values()), trials
+    assert sum(trials.values()) <= TRIALS + 2, trials
+    workloads = _lines(folder / "database_workload.json")
+    records = _lines(folder / "database_tuning_record.json")
+    assert records and all(0 <= r[0] < len(workloads) for r in records)
+    for _, (trace, run_secs, target, _args) in records:
+        assert trace and run_secs and all(float(s) > 0 for s in run_secs)
+        assert json.dumps(json.loads(json.dumps(target)), sort_keys=True)
+    # Every task of the model has its default schedule timed; tuned ones have a best.
+    for t in manifest["tasks"].values():
+        assert t["baseline_ms"] is None or t["baseline_ms"] > 0
+        if t["name"] in trials:
+            assert 0 < t["best_ms"] <= t["baseline_ms"]
+    assert (folder / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (folder / "convergence.csv").read_text().splitlines()
+    assert rows[0] == "trials,elapsed_s,estimated_ms" and len(rows) >= 3
+    estimates = [float(r.split(",")[2]) for r in rows[1:]]
+    assert estimates[-1] <= estimates[0]
+    assert "trials/min" in proc.stderr  # the progress line
+
+
+def test_rerun_resumes_without_redoing_work(tuned, mobile_onnx, regex, names, tmp_path):
+    logs = _copy(tuned[0], tmp_path)
+    before = json.loads((logs / "host" / "tuning.json").read_text())
+    records = len(_lines(logs / "host" / "database_tuning_record.json"))
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", str(TRIALS), "--tasks",
+                   regex, "--log-dir", str(logs))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no search to run" in proc.stderr
+    assert len(_lines(logs / "host" / "database_tuning_record.json")) == records
+    # A larger budget continues from there.
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", str(TRIALS + 8),
+                   "--tasks", regex, "--log-dir", str(logs))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((logs / "host" / "tuning.json").read_text())
+    task_names = {names["depthwise"], names["pointwise"]}
+    grown = sum(_task_trials(after, task_names).values()) - sum(
+        _task_trials(before, task_names).values())
+    assert 4 <= grown <= 10, (before, after)
+    assert len(after["runs"]) == len(before["runs"]) + 2
+
+
+def _build_verify(mobile_onnx, logs, out: Path) -> dict:
+    build = run_cli("build", "--model", str(mobile_onnx), "--tuning-log", str(logs), "-o",
+                    str(out))
+    assert build.returncode == 0, build.stderr[-2000:]
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    m["_stderr"] = build.stderr
+    return m
+
+
+def test_tuned_build_verifies(tuned, mobile_onnx, tmp_path):
+    m = _build_verify(mobile_onnx, tuned[0], tmp_path / "b")
+    assert m["tuning"]["log"].endswith("host")
+    assert m["options"]["tuning_log"] == str(tuned[0])
+
+
+def _edit_manifest(logs: Path, fn) -> None:
+    path = logs / "host" / "tuning.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_tuned_config_and_record_apply_and_verify(tuned, mobile_onnx, names, tmp_path):
+    """Force each kind of result to win: a non-default configuration of our rule on the
+    pointwise task, a MetaSchedule record on the depthwise one. Both builds must match
+    ONNX Runtime."""
+    logs = _copy(tuned[0], tmp_path)
+
+    def rig(m):
+        for t in m["tasks"].values():
+            if t["name"] == names["pointwise"]:
+                configs = t["configs"]
+                other = next(k for k in configs if k != t["default_config"])
+                for k in configs:
+                    configs[k] = 1.0
+                configs[other] = 1e-6
+            if t["name"] == names["depthwise"]:
+                t["baseline_ms"] = 1e3
+                t["configs"] = {k: 1e3 for k in t["configs"]}
+
+    _edit_manifest(logs, rig)
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b")
+    rules = {k["name"]: k["rule"] for k in m["kernels"]}
+    assert any(r == "xcompile.cpu.ConvGEMM (tuned)" for r in rules.values()), rules
+    assert any(r == "meta_schedule.tuned" for r in rules.values()), rules
+    assert len(m["tuning"]["applied"]) == 2
+
+
+def test_slower_results_never_replace_our_schedule(tuned, mobile_onnx, names, tmp_path):
+    logs = _copy(tuned[0], tmp_path)
+
+    def rig(m):
+        for t in m["tasks"].values():
+            t["baseline_ms"] = 1e-9  # nothing beats our default schedules
+            t["configs"] = {k: (1e-9 if k == t.get("default_config") else 1.0)
+                            for k in t.get("configs", {})}
+
+    _edit_manifest(logs, rig)
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b")
+    assert m["tuning"]["applied"] == {}
+    assert not any("tuned" in k["rule"] for k in m["kernels"])
+
+
+def test_damaged_lines_are_skipped_with_a_warning(tuned, mobile_onnx, tmp_path):
+    logs = _copy(tuned[0], tmp_path)
+    rec_path = logs / "host" / "database_tuning_record.json"
+    records = rec_path.read_text().splitlines()
+    foreign = json.loads(records[0])
+    foreign[1][2] = {**foreign[1][2], "num-cores": 64}  # tuned for another machine
+    foreign[1][1] = [1e-9]  # and "fastest": it must still not be used
+    broken = json.loads(records[0])
+    broken[1][0] = [[["NotAnInstruction", [], [], []]], []]  # valid JSON, bad trace
+    broken[1][1] = [2e-9]
+    with open(rec_path, "a") as f:
+        f.write(json.dumps(foreign) + "\n")
+        f.write(json.dumps(broken) + "\n")
+        f.write("garbage\n")
+        f.write(records[-1][: len(records[-1]) // 2])  # a torn last line, as kill -9 leaves
+    with open(logs / "host" / "database_workload.json", "a") as f:
+        f.write('["123", \n')
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b")
+    proc_err = m["_stderr"]
+    assert "truncated or malformed" in proc_err
+    assert "another target" in proc_err
+    assert "does not apply" in proc_err
+    assert m["tuning"] is not None
+
+
+def test_log_for_another_target_is_refused(tuned, mobile_onnx, regex, tmp_path):
+    logs = _copy(tuned[0], tmp_path)
+    _edit_manifest(logs, lambda m: m["target"]["tvm"].update({"mcpu": "skylake-avx512"}))
+    proc = run_cli("build", "--model", str(mobile_onnx), "--tuning-log", str(logs), "-o",
+                   str(tmp_path / "b"))
+    assert_one_line_error(proc, "tuned for target", "refusing")
+    assert not (tmp_path / "b").exists()
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "4", "--tasks", regex,
+                   "--log-dir", str(logs))
+    assert_one_line_error(proc, "tuned for target")
+
+
+def test_kill_9_loses_at_most_the_trials_in_flight(mobile_onnx, regex, tmp_path):
+    logs = tmp_path / "logs"
+    args = [sys.executable, "-m", "xcompile", "tune", "--model", str(mobile_onnx),
+            "--tasks", regex, "--log-dir", str(logs)]
+    proc = subprocess.Popen([*args, "--trials", "400"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    records = logs / "host" / "database_tuning_record.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if records.is_file() and records.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "tuning ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kept = records.read_text().count("\n")
+    assert kept >= 2
+    done = subprocess.run([*args, "--trials", "12"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Whatever was appended survives, every line parses, and the manifest is whole.
+    lines = _lines(records)
+    assert len(lines) >= kept
+    assert json.loads((logs / "host" / "tuning.json").read_text())["trials"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rpc_loopback(mobile_onnx, names, tmp_path):
+    """Candidates built here, timed by a TVM RPC server found through a tracker."""
+    port = _free_port()
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    server = None
+    try:
+        server_port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+                                   f"127.0.0.1:{port}", "--key", "xc-test", "--host",
+                                   "127.0.0.1", "--port", str(server_port), "--port-end",
+                                   str(server_port + 20)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        from xcompile.tuning.measure import tracker_keys
+
+        from xcompile.errors import XCompileError
+
+        deadline = time.time() + 90
+        while True:  # both import TVM first: wait for the tracker, then the server
+            try:
+                if "xc-test" in tracker_keys("127.0.0.1", port):
+                    break
+            except XCompileError:
+                pass
+            assert time.time() < deadline, "the RPC server did not register"
+            assert server.poll() is None and tracker.poll() is None, "RPC process exited"
+            time.sleep(0.5)
+        logs = tmp_path / "logs"
+        proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "8", "--tasks",
+                       f"^{names['depthwise']}$", "--log-dir", str(logs), "--rpc-tracker",
+                       f"127.0.0.1:{port}", "--rpc-key", "xc-test")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "measure=rpc=" in proc.stderr
+        m = json.loads((logs / "host" / "tuning.json").read_text())
+        task = next(t for t in m["tasks"].values() if t["name"] == names["depthwise"])
+        assert task["trials"] >= 4 and task["best_ms"] > 0
+        assert _lines(logs / "host" / "database_tuning_record.json")
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--rpc-tracker", "127.0.0.1:9190"], ["--rpc-key"]),
+    (["--rpc-tracker", f"127.0.0.1:{_free_port()}", "--rpc-key", "k"], ["cannot reach"]),
+    (["--rpc-tracker", "nohost", "--rpc-key", "k"], ["HOST:PORT"]),
+    (["--tasks", "("], ["regular expression"]),
+    (["--tasks", "no_such_kernel_xyz"], ["no task"]),
+    (["--target", "arm64-neon"], ["--rpc-tracker"]),
+    (["--target", "nope"], ["nope"]),
+])
+def test_tune_rejects_bad_options(mobile_onnx, tmp_path, args, needles):
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "4", "--log-dir",
+                   str(tmp_path / "logs"), *args)
+    assert_one_line_error(proc, *needles)
+
+
+def test_build_with_a_missing_log_is_refused(mobile_onnx, tmp_path):
+    proc = run_cli("build", "--model", str(mobile_onnx), "--tuning-log",
+                   str(tmp_path / "nothing"), "-o", str(tmp_path / "b"))
+    assert_one_line_error(proc, "no tuning log")
+
+
+def test_shipped_log_is_used_only_for_its_target(tuned, monkeypatch, tmp_path):
+    import targets
+    from xcompile.tuning import apply
+    from xcompile.tuning.log import export_best
+
+    shipped = tmp_path / "shipped"
+    export_best(tuned[0] / "host", shipped / "x86-test")
+    # The exported log keeps one record per workload: the fastest.
+    records = _lines(shipped / "x86-test" / "database_tuning_record.json")
+    assert len(records) == len({r[0] for r in records}) >= 1
+    monkeypatch.setattr(apply, "SHIPPED", shipped)
+    host = targets.resolve("host")
+    assert apply.load_for_build(None, host) is not None
+    assert apply.load_for_build("none", host) is None
+    assert apply.load_for_build(None, targets.resolve("arm64-neon")) is None
