@@ -147,3 +147,27 @@ def test_cuda_build_without_a_driver_is_a_clear_error(mobile_onnx, tmp_path):
                    "-o", str(out)).returncode == 0
     proc = run_cli("run", str(out))
     assert_one_line_error(proc, "cuda")
+
+
+@pytest.mark.skipif(_gpu_available(), reason="checks the message on machines without a GPU")
+def test_cuda_bundle_carries_the_cuda_runtime(mobile_onnx, tmp_path):
+    """A CUDA bundle holds TVM's CUDA runtime and the CUDA runtime library next to the
+    CPU ones; without a driver its runner fails with one line, not a crash."""
+    import subprocess
+
+    build, bundle = tmp_path / "cuda", tmp_path / "bundle"
+    assert run_cli("build", "--model", str(mobile_onnx), "--target", "cuda",
+                   "-o", str(build)).returncode == 0
+    proc = run_cli("package", str(build), "-o", str(bundle))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    libs = sorted(p.name for p in (bundle / "lib").iterdir())
+    assert {"libtvm_runtime.so", "libtvm_ffi.so", "libtvm_runtime_cuda.so",
+            "libcudart.so.13"} <= set(libs), libs
+    assert "NVIDIA GPU" in (bundle / "README.txt").read_text()
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 64, 64), np.float32))
+    out = subprocess.run([str(bundle / "xcompile_run"), str(bundle), "--input",
+                          str(tmp_path / "x.npy")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2, out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cuda" in errors[0].lower(), out.stderr

@@ -47,10 +47,11 @@ def test_bundle_runs_alone_and_from_python(bundle, mobile_onnx, tmp_path):
 
 
 def test_package_errors(mobile_onnx, tmp_path):
-    cuda = tmp_path / "cuda"
-    build(resolve_options(model=str(mobile_onnx), target="cuda", output=str(cuda)))
-    proc = run_cli("package", str(cuda), "-o", str(tmp_path / "b1"))
-    assert_one_line_error(proc, "cuda build")
+    incomplete = tmp_path / "cpu"
+    build(resolve_options(model=str(mobile_onnx), output=str(incomplete)))
+    (incomplete / "params.bin").unlink()
+    proc = run_cli("package", str(incomplete), "-o", str(tmp_path / "b1"))
+    assert_one_line_error(proc, "params.bin")
     assert not (tmp_path / "b1").exists()
     proc = run_cli("package", str(tmp_path / "nope"), "-o", str(tmp_path / "b2"))
     assert_one_line_error(proc, "not found")
