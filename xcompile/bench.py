@@ -9,7 +9,6 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from xcompile import reference, runtime
 from xcompile.errors import XCompileError
@@ -87,13 +86,11 @@ def _pytorch(builtin: dict, predictor, x):
 
 
 def bench(folder, model: str | None = None, input_path: str | None = None,
-          repeat: int = 10, warmup: int = 1, with_torch: bool = True,
-          compare: tuple[str, ...] = ()) -> dict:
+          repeat: int = 10, warmup: int = 1, with_torch: bool = True) -> dict:
     """Time the build, ONNX Runtime and (for built-in models) PyTorch; return figures.
 
-    ``compare`` adds other builds of the same model (say, untuned against tuned) to the
-    same interleaved rounds. The result holds each backend's timing and ``ratios``: our
-    median latency divided by each other backend's (below 1 means we are faster).
+    The result holds each backend's timing and ``ratios``: our median latency divided
+    by each other backend's (below 1 means we are faster).
     """
     if repeat < 1 or warmup < 0:
         raise XCompileError("--repeat must be >= 1 and --warmup >= 0")
@@ -103,12 +100,6 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
     model_path = reference.reference_model(manifest, model)
     runners = {OURS: _ours(predictor, x),
                "onnxruntime": _onnxruntime(model_path, predictor, x)}
-    for other in compare:
-        twin = runtime.load(other)
-        if twin.input.shape != predictor.input.shape:
-            raise XCompileError(f"{other} takes input {twin.input.shape}, not "
-                                f"{predictor.input.shape}: not the same model")
-        runners[f"build:{Path(other).name}"] = _ours(twin, x)
     builtin = manifest["model"].get("builtin")
     if with_torch and builtin:
         try:

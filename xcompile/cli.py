@@ -194,8 +194,7 @@ def cmd_bench(args) -> int:
     from xcompile.files import atomic_path
 
     result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
-                   warmup=args.warmup, with_torch=not args.no_torch,
-                   compare=tuple(args.compare or ()))
+                   warmup=args.warmup, with_torch=not args.no_torch)
     print(format_table(result))
     if args.profile:
         from xcompile.bench import format_profile, profile
@@ -310,9 +309,6 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
     s.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds")
     s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    s.add_argument("--compare", action="append", metavar="DIR",
-                   help="another build of the same model to time in the same rounds "
-                        "(repeatable), e.g. the untuned build against a tuned one")
     s.add_argument("--profile", action="store_true",
                    help="also time each kernel and show the 10 slowest with their rules")
     s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
