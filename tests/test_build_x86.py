@@ -172,3 +172,21 @@ def test_squeeze_excite_cnn_with_7x7_depthwise(tmp_path):
     assert "unscheduled" not in {k["rule"] for k in m["kernels"]}
     proc = run_cli("verify", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_fp16_build_verifies_within_its_tolerance(mobile_onnx, tmp_path):
+    """Mixed precision: float16 weights in params.bin, float32 in and out; it matches
+    ONNX Runtime's fp32 within the fp16 tolerance (1e-2), and not within 1e-6."""
+    import tvm
+
+    out = tmp_path / "fp16"
+    proc = run_cli("build", "--model", str(mobile_onnx), "--precision", "fp16", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["options"]["precision"] == "fp16"
+    params = tvm.runtime.load_param_dict((out / "params.bin").read_bytes())
+    assert "float16" in {str(v.dtype) for v in params.values()}
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tolerance 1e-02" in proc.stdout
+    assert run_cli("verify", str(out), "--rtol", "1e-6").returncode == 1

@@ -171,3 +171,17 @@ def test_cuda_bundle_carries_the_cuda_runtime(mobile_onnx, tmp_path):
     assert out.returncode == 2, out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "cuda" in errors[0].lower(), out.stderr
+
+
+def test_cuda_fp16_build_carries_fp16_weights_and_a_fatbin(mobile_onnx, tmp_path):
+    import tvm
+
+    from xcompile.cuda_codegen import embedded_code
+
+    out = tmp_path / "cuda16"
+    proc = run_cli("build", "--model", str(mobile_onnx), "--target", "cuda", "--precision",
+                   "fp16", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert embedded_code(out / "module.so")["sass"] == ["sm_90"]
+    params = tvm.runtime.load_param_dict((out / "params.bin").read_bytes())
+    assert "float16" in {str(v.dtype) for v in params.values()}

@@ -39,6 +39,7 @@ class BuildOptions:
     cuda_graph: bool = True  # capture the whole CUDA model as one graph (static shapes)
     tuning_log: str | None = None  # a log folder; "none"; None: the shipped log, if any
     cuda_archs: tuple[str, ...] = ()  # CUDA targets: the GPU architectures to compile for
+    precision: str = "fp32"  # fp32, or fp16 (mixed precision: fp16 math, fp32 accumulation)
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
@@ -46,7 +47,7 @@ class BuildOptions:
         return (f"model={self.model}{' [' + src + ']' if src else ''} target={self.target} "
                 f"batch={self.batch if self.batch is not None else 'from model'} "
                 f"custom_schedules={self.custom_schedules} cuda_graph={self.cuda_graph} "
-                f"tuning_log={self.tuning_log or 'shipped'} "
+                f"tuning_log={self.tuning_log or 'shipped'} precision={self.precision} "
                 f"{'cuda_archs=' + ','.join(self.cuda_archs) + ' ' if self.cuda_archs else ''}"
                 f"output={self.output}")
 
@@ -88,7 +89,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                     batch: int | None = None, output: str | None = None,
                     custom_schedules: bool = True, cuda_graph: bool = True,
                     tuning_log: str | None = None,
-                    cuda_arch: str | None = None) -> BuildOptions:
+                    cuda_arch: str | None = None, precision: str = "fp32") -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
     model_path, builtin = resolve_model(model, target, batch)
     if builtin is not None:
@@ -104,6 +105,9 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         from xcompile.tuning.log import resolve_folder
 
         resolve_folder(tuning_log, targets.resolve(target).name)  # fails early when absent
+    if precision not in pipeline.PRECISIONS:
+        raise XCompileError(f"--precision must be one of {', '.join(pipeline.PRECISIONS)}, "
+                            f"got {precision!r}")
     preset = targets.resolve(target)
     archs: tuple[str, ...] = ()
     if preset.device == "cuda":
@@ -114,7 +118,8 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         raise XCompileError(f"--cuda-arch applies to CUDA targets, not {target}")
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
                         output=output, custom_schedules=custom_schedules,
-                        cuda_graph=cuda_graph, tuning_log=tuning_log, cuda_archs=archs)
+                        cuda_graph=cuda_graph, tuning_log=tuning_log, cuda_archs=archs,
+                        precision=precision)
 
 
 def _versions() -> dict:
@@ -188,7 +193,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
         from xcompile.tuning import load_for_build
 
         tuned = load_for_build(opts.tuning_log, preset)
-    opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned)
+    opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned,
+                            precision=opts.precision)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}

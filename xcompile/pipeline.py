@@ -61,8 +61,17 @@ def _lift_weights(mod):
     return main_only, stage
 
 
-def graph_passes(layout: dict | None):
-    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied."""
+PRECISIONS = ("fp32", "fp16")
+
+
+def graph_passes(layout: dict | None, precision: str = "fp32"):
+    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied.
+
+    ``fp16``: mixed precision (Relax's ToMixedPrecision): convolutions and matmuls take
+    float16 operands and accumulate in float32, the model's inputs and outputs stay
+    float32, and the weights' casts are lifted with the other weight transforms, so
+    ``params.bin`` holds float16 weights.
+    """
     import tvm
     from tvm import relax
 
@@ -70,6 +79,8 @@ def graph_passes(layout: dict | None):
     passes = [t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
+    if precision == "fp16":
+        passes += [t.ToMixedPrecision(out_dtype="float32"), t.CanonicalizeBindings()]
     return tvm.transform.Sequential(passes, name="xcompile.GraphPasses")
 
 
@@ -93,20 +104,21 @@ def baseline_rules(family: str) -> list:
     return schedules.rules_for("cuda") if family == "cuda" else []
 
 
-def lower(mod, preset, custom_schedules: bool = True):
+def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32"):
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
     module's PrimFuncs are what the rules schedule and what the tuner tunes."""
     import schedules
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
     with preset.tvm_target():
-        mod = graph_passes(layout)(mod)
+        mod = graph_passes(layout, precision)(mod)
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes()(mod)
     return mod, graph_stage
 
 
-def optimize(mod, preset, custom_schedules: bool = True, tuned=None) -> Optimized:
+def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
+             precision: str = "fp32") -> Optimized:
     """Run the stages above for ``preset``; ``custom_schedules=False`` keeps the model's
     layout and TVM's baseline schedules (the plain path, for comparison). ``tuned``
     (an ``xcompile.tuning.TunedKernels``) schedules the kernels it has records for,
@@ -117,7 +129,7 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None) -> Optimize
 
     family = preset.family
     rules = schedules.rules_for(family) if custom_schedules else baseline_rules(family)
-    mod, graph_stage = lower(mod, preset, custom_schedules)
+    mod, graph_stage = lower(mod, preset, custom_schedules, precision)
     with preset.tvm_target():
         if tuned is not None:
             mod = tuned.apply_pass()(mod)
