@@ -185,3 +185,28 @@ def test_cuda_fp16_build_carries_fp16_weights_and_a_fatbin(mobile_onnx, tmp_path
     assert embedded_code(out / "module.so")["sass"] == ["sm_90"]
     params = tvm.runtime.load_param_dict((out / "params.bin").read_bytes())
     assert "float16" in {str(v.dtype) for v in params.values()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available(), reason="needs an NVIDIA GPU and driver")
+def test_cuda_bundle_runs_on_the_gpu_and_matches_the_cpu_build(mobile_onnx, tmp_path):
+    """The C++ runner runs a CUDA bundle (fatbin, no compiler at load) and its output
+    matches the CPU build of the same model and input; fp16 within its tolerance."""
+    import subprocess
+
+    x = np.random.default_rng(4).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cpu = tmp_path / "cpu"
+    assert run_cli("build", "--model", str(mobile_onnx), "-o", str(cpu)).returncode == 0
+    assert run_cli("run", str(cpu), "--input", str(tmp_path / "x.npy"), "--output",
+                   str(tmp_path / "cpu.npy")).returncode == 0
+    for precision, tol in (("fp32", 1e-4), ("fp16", 1e-2)):
+        build, bundle = tmp_path / f"cuda-{precision}", tmp_path / f"bundle-{precision}"
+        assert run_cli("build", "--model", str(mobile_onnx), "--target", "cuda",
+                       "--precision", precision, "-o", str(build)).returncode == 0
+        assert run_cli("package", str(build), "-o", str(bundle)).returncode == 0
+        out = subprocess.run([str(bundle / "xcompile_run"), str(bundle), "--input",
+                              str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                              "--repeat", "5"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert max_rel_err(np.load(tmp_path / "y.npy"), np.load(tmp_path / "cpu.npy")) < tol
