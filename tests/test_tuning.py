@@ -350,3 +350,16 @@ def test_shipped_log_is_used_only_for_its_target(tuned, monkeypatch, tmp_path):
     assert apply.load_for_build(None, host) is not None
     assert apply.load_for_build("none", host) is None
     assert apply.load_for_build(None, targets.resolve("arm64-neon")) is None
+
+
+def test_only_ours_times_our_configurations_without_a_search(mobile_onnx, names, tmp_path):
+    logs = tmp_path / "logs"
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "10", "--tasks",
+                   f"^{names['pointwise']}$", "--log-dir", str(logs), "--only-ours")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no search to run" in proc.stderr
+    records = logs / "host" / "database_tuning_record.json"
+    assert not records.exists() or not records.read_text().strip()
+    m = json.loads((logs / "host" / "tuning.json").read_text())
+    task = next(t for t in m["tasks"].values() if t["name"] == names["pointwise"])
+    assert len(task["configs"]) >= 4 and task["best_ms"] <= task["baseline_ms"]
