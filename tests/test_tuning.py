@@ -363,3 +363,14 @@ def test_only_ours_times_our_configurations_without_a_search(mobile_onnx, names,
     m = json.loads((logs / "host" / "tuning.json").read_text())
     task = next(t for t in m["tasks"].values() if t["name"] == names["pointwise"])
     assert len(task["configs"]) >= 4 and task["best_ms"] <= task["baseline_ms"]
+
+
+def test_trials_per_task_caps_each_task(mobile_onnx, names, tmp_path):
+    logs = tmp_path / "logs"
+    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "40", "--tasks",
+                   f"^{names['pointwise']}$", "--log-dir", str(logs), "--only-ours",
+                   "--trials-per-task", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((logs / "host" / "tuning.json").read_text())
+    task = next(t for t in m["tasks"].values() if t["name"] == names["pointwise"])
+    assert len(task["configs"]) == 1 + 3  # the baseline, then three configurations

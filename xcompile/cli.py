@@ -270,7 +270,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="measured trials the log should hold for these tasks (default 600; "
                         "a rerun continues up to N)")
     s.add_argument("--trials-per-task", type=_positive, metavar="M",
-                   help="at most M trials per task in this run")
+                   help="per task in this run: at most M of our configurations and M "
+                        "search trials")
     s.add_argument("--tasks", default="separable", metavar="separable|all|REGEX",
                    help="which kernels: depthwise and pointwise convs (default), all, or "
                         "those whose name matches REGEX")

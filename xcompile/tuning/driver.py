@@ -179,11 +179,12 @@ def tune(opts: TuneOptions) -> dict:
             share = remaining // 2 if opts.search else remaining
             by_name = {schedules.rule_name(r): r for r in rules}
             remaining -= grid.run_grid(chosen, entries, hashes, by_name, target, builder,
-                                       runner, share, progress)
+                                       runner, share, progress,
+                                       per_task=opts.trials_per_task or share)
             tlog.write_manifest(folder, manifest)
-        cap = opts.trials_per_task or opts.trials
-        todo = [t for t in chosen if done[t.name] < cap]
-        if remaining <= 0 or not todo or not opts.search:
+        cap = opts.trials_per_task or opts.trials  # per task, in this run
+        todo = list(chosen)
+        if remaining <= 0 or not opts.search:
             log.info("%d trials in the log for these tasks; no search to run",
                      progress.trials)
         else:

@@ -38,21 +38,26 @@ def candidates(task, rule, target) -> list[tuple[str, object]]:
 
 
 def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, builder,
-             runner, budget: int, progress, batch: int = 32) -> int:
-    """Time untimed configurations of the ``chosen`` tasks, at most ``budget`` of them:
-    an equal share each first, then what is left to the heaviest tasks (calls x
-    latency). Returns how many were timed."""
+             runner, budget: int, progress, per_task: int | None = None,
+             batch: int = 32) -> int:
+    """Time untimed configurations of the ``chosen`` tasks, at most ``budget`` of them
+    and ``per_task`` per task: an equal share each first, then what is left to the
+    heaviest tasks (calls x latency). Returns how many were timed."""
     order = sorted(chosen, key=lambda t: -(entries[hashes[t.name]].get("baseline_ms") or 0)
                    * t.weight)
+    per_task = per_task or budget
     spent = 0
+    used = {t.name: 0 for t in order}  # timed in this run, per task
     share = max(budget // max(len(order), 1), 1)
     for limit in (share, budget):
         for task in order:
-            left = min(limit, budget - spent)
+            left = min(limit, budget - spent, per_task - used[task.name])
             if left <= 0:
-                break
-            spent += _time_task(task, entries[hashes[task.name]], rules_by_name, target,
-                                builder, runner, left, progress, batch)
+                continue
+            n = _time_task(task, entries[hashes[task.name]], rules_by_name, target,
+                           builder, runner, left, progress, batch)
+            used[task.name] += n
+            spent += n
     return spent
 
 
