@@ -166,6 +166,7 @@ def tune(opts: TuneOptions) -> dict:
     try:
         entries = manifest["tasks"]
         _baselines(entries, all_tasks, hashes, rules, target, builder, runner)
+        tlog.write_manifest(folder, manifest)
         done = {t.name: len(contents.best().get(hashes[t.name], []))
                 + len(entries[hashes[t.name]].get("configs", {})) for t in chosen}
         best = _best_ms(entries, all_tasks, hashes, contents)
@@ -180,8 +181,8 @@ def tune(opts: TuneOptions) -> dict:
             by_name = {schedules.rule_name(r): r for r in rules}
             remaining -= grid.run_grid(chosen, entries, hashes, by_name, target, builder,
                                        runner, share, progress,
-                                       per_task=opts.trials_per_task or share)
-            tlog.write_manifest(folder, manifest)
+                                       per_task=opts.trials_per_task or share,
+                                       save=lambda: tlog.write_manifest(folder, manifest))
         cap = opts.trials_per_task or opts.trials  # per task, in this run
         todo = list(chosen)
         if remaining <= 0 or not opts.search:

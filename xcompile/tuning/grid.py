@@ -39,10 +39,12 @@ def candidates(task, rule, target) -> list[tuple[str, object]]:
 
 def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, builder,
              runner, budget: int, progress, per_task: int | None = None,
-             batch: int = 32) -> int:
+             batch: int = 32, save=lambda: None) -> int:
     """Time untimed configurations of the ``chosen`` tasks, at most ``budget`` of them
     and ``per_task`` per task: an equal share each first, then what is left to the
-    heaviest tasks (calls x latency). Returns how many were timed."""
+    heaviest tasks (calls x latency). ``save`` runs after every batch (the manifest
+    holds these results: a kill loses at most the batch in flight). Returns how many
+    were timed."""
     order = sorted(chosen, key=lambda t: -(entries[hashes[t.name]].get("baseline_ms") or 0)
                    * t.weight)
     per_task = per_task or budget
@@ -55,14 +57,14 @@ def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, b
             if left <= 0:
                 continue
             n = _time_task(task, entries[hashes[task.name]], rules_by_name, target,
-                           builder, runner, left, progress, batch)
+                           builder, runner, left, progress, batch, save)
             used[task.name] += n
             spent += n
     return spent
 
 
 def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progress,
-               batch) -> int:
+               batch, save) -> int:
     rule = rules_by_name.get(entry.get("rule"))
     if rule is None or not hasattr(rule, "all_configs"):
         return 0
@@ -73,5 +75,6 @@ def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progr
         times = measure(builder, runner, [m for _, m in part], target)
         for (key, _), ms in zip(part, times):
             timed[key] = ms
+        save()
         progress.update(task.name, times)
     return len(todo)
