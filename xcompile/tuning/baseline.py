@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from schedules.cpu.conv_gemm import LAYOUT_REWRITE
-from schedules.registry import rule_name
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,15 @@ def prepacked(func):
     return func
 
 
-def default_schedule(task, rules, target):
-    """``(rule name, workload module to time)`` for our default schedule of ``task``,
-    or None when no rule schedules it."""
+def default_module(task, rule, target):
+    """The workload module to time for ``rule``'s default schedule of ``task`` (the
+    task itself, unscheduled, when ``rule`` is None or declines)."""
     import tvm
 
-    func = task.mod["main"]
-    for rule in rules:
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception:
-            continue
-        if sch is not None:
-            kernel = prepacked(sch.mod["main"].with_attr("global_symbol", "main"))
-            return rule_name(rule), tvm.IRModule({"main": kernel})
-    return None
+    sch = rule.apply(task.mod["main"], target, False) if rule is not None else None
+    if sch is None:
+        return task.mod
+    return tvm.IRModule({"main": prepacked(sch.mod["main"].with_attr("global_symbol", "main"))})
 
 
 def measure(builder, runner, mods: list, target) -> list[float | None]:

@@ -165,12 +165,14 @@ def tune(opts: TuneOptions) -> dict:
     interrupted = False
     try:
         entries = manifest["tasks"]
+        by_name = {schedules.rule_name(r): r for r in rules}
         _baselines(entries, all_tasks, hashes, rules, target, builder, runner)
         tlog.write_manifest(folder, manifest)
-        done = {t.name: len(contents.best().get(hashes[t.name], []))
+        records = contents.best()
+        done = {t.name: len(records.get(hashes[t.name], []))
                 + len(entries[hashes[t.name]].get("configs", {})) for t in chosen}
-        best = _best_ms(entries, all_tasks, hashes, contents)
-        progress = prog.Progress(chosen, best, {t.name: t.weight for t in all_tasks},
+        best = _best_ms(entries, all_tasks, hashes, records)
+        progress = prog.Progress(best, {t.name: t.weight for t in all_tasks},
                                  sum(done.values()), opts.trials, folder / tlog.CURVE_CSV,
                                  float(manifest.get("wall_seconds", 0.0)))
         remaining = opts.trials - sum(done.values())
@@ -178,7 +180,6 @@ def tune(opts: TuneOptions) -> dict:
             # Our configurations first (half the budget when MetaSchedule's space
             # follows): cheap to build, and the search then starts from their best.
             share = remaining // 2 if opts.search else remaining
-            by_name = {schedules.rule_name(r): r for r in rules}
             remaining -= grid.run_grid(chosen, entries, hashes, by_name, target, builder,
                                        runner, share, progress,
                                        per_task=opts.trials_per_task or share,
@@ -190,7 +191,8 @@ def tune(opts: TuneOptions) -> dict:
                      progress.trials)
         else:
             log.info("MetaSchedule search over %d tasks, %d trials", len(todo), remaining)
-            contexts = [_context(t, rules, target) for t in todo]
+            contexts = [_context(t, by_name.get(entries[hashes[t.name]].get("rule")), target)
+                        for t in todo]
             try:
                 database = ms.database.JSONDatabase(
                     path_workload=str(folder / tlog.WORKLOADS),
@@ -235,10 +237,9 @@ def tune(opts: TuneOptions) -> dict:
     return manifest
 
 
-def _context(task, rules, target):
+def _context(task, rule, target):
     from tvm.s_tir import meta_schedule as ms
 
-    rule = space.first_rule(rules, task.mod["main"], target)
     return ms.TuneContext(
         mod=task.mod, target=target, space_generator=space.design_space(rule, target),
         search_strategy=ms.search_strategy.EvolutionarySearch(
@@ -256,12 +257,12 @@ def _baselines(entries, all_tasks, hashes, rules, target, builder, runner) -> No
     plans = []  # (rule name, config key or None, module)
     for t in missing:
         rule = space.first_rule(rules, t.mod["main"], target)
-        if rule is not None and hasattr(rule, "all_configs"):
-            key, mod = grid.candidates(t, rule, target)[0]
-            plans.append((schedules.rule_name(rule), key, mod))
+        name = schedules.rule_name(rule) if rule is not None else None
+        found = grid.candidates(t, rule, target, limit=1) if hasattr(rule, "all_configs") else []
+        if found:
+            plans.append((name, *found[0]))
         else:
-            found = baseline.default_schedule(t, rules, target)
-            plans.append((found[0], None, found[1]) if found else (None, None, t.mod))
+            plans.append((name, None, baseline.default_module(t, rule, target)))
     times = baseline.measure(builder, runner, [p[2] for p in plans], target)
     for t, (rule, key, _), ms_ in zip(missing, plans, times):
         entry = {"name": t.name, "kind": t.kind, "calls": t.weight, "flops": t.flops,
@@ -272,9 +273,9 @@ def _baselines(entries, all_tasks, hashes, rules, target, builder, runner) -> No
         entries[hashes[t.name]] = entry
 
 
-def _best_ms(entries, all_tasks, hashes, contents) -> dict[str, float]:
-    """Task name -> the best latency known: our configurations' or the log's records'."""
-    records = contents.best()
+def _best_ms(entries, all_tasks, hashes, records) -> dict[str, float]:
+    """Task name -> the best latency known: our configurations' or the log's records'
+    (``records``: workload hash -> records, fastest first)."""
     out = {}
     for t in all_tasks:
         h = hashes[t.name]

@@ -10,30 +10,34 @@ the log's manifest (``tasks[<workload>].configs``), next to MetaSchedule's recor
 from __future__ import annotations
 
 import json
-import logging
 
 from .baseline import measure, prepacked
-
-log = logging.getLogger(__name__)
 
 
 def config_key(config_json) -> str:
     return json.dumps(config_json, sort_keys=True)
 
 
-def candidates(task, rule, target) -> list[tuple[str, object]]:
-    """``(config key, module to time)`` for each configuration of ``rule`` on ``task``,
-    the default first."""
+def candidates(task, rule, target, skip=(), limit: int | None = None
+               ) -> list[tuple[str, object]]:
+    """``(config key, module to time)`` for the configurations of ``rule`` on ``task``
+    in ``configs`` order (the default first), leaving out the keys in ``skip``, at most
+    ``limit`` of them. Only those are scheduled."""
     import tvm
 
     func = task.mod["main"]
     out = []
     for config in rule.all_configs(func, target):
+        if limit is not None and len(out) >= limit:
+            break
+        key = config_key(rule.config_to_json(config))
+        if key in skip:
+            continue
         sch = rule.apply_config(func, target, config)
         if sch is None:
             continue
         kernel = prepacked(sch.mod["main"].with_attr("global_symbol", "main"))
-        out.append((config_key(rule.config_to_json(config)), tvm.IRModule({"main": kernel})))
+        out.append((key, tvm.IRModule({"main": kernel})))
     return out
 
 
@@ -69,7 +73,7 @@ def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progr
     if rule is None or not hasattr(rule, "all_configs"):
         return 0
     timed = entry.setdefault("configs", {})
-    todo = [(k, m) for k, m in candidates(task, rule, target) if k not in timed][:limit]
+    todo = candidates(task, rule, target, skip=timed, limit=limit)
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
         times = measure(builder, runner, [m for _, m in part], target)

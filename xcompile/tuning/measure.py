@@ -201,8 +201,7 @@ def rpc_runner(tracker: str, key: str, evaluator: Evaluator = Evaluator()):
     """MetaSchedule's RPC runner on the device ``key`` registered with ``tracker``."""
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner
 
-    host, port = parse_tracker(tracker)
-    check_tracker(host, port, key)
+    host, port = parse_tracker(tracker)  # checked by resolve_tune_options
     config = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                        session_priority=1, session_timeout_sec=60)
     return RPCRunner(config, EvaluatorConfig(number=evaluator.number, repeat=evaluator.repeat,

@@ -22,9 +22,8 @@ class Progress:
     the VM's own overhead.
     """
 
-    def __init__(self, tasks: list, best_ms: dict[str, float], weights: dict[str, int],
+    def __init__(self, best_ms: dict[str, float], weights: dict[str, int],
                  trials_done: int, budget: int, csv_path: Path, elapsed_before: float):
-        self.names = [t.name for t in tasks]
         self.best_ms = dict(best_ms)  # task name -> ms
         self.weights = weights
         self.trials = trials_done
@@ -66,10 +65,6 @@ class Progress:
                  "%8.2f ms | %5.0f trials/min | %s left", self.trials, self.budget, task,
                  self.per_task[task], self.best_ms.get(task, float("nan")),
                  len(results_ms) - len(good), self.estimate_ms(), rate * 60, _hms(left))
-
-    def rate_per_min(self) -> float:
-        return (self.trials - self.start_trials) / max(
-            time.perf_counter() - self.started, 1e-9) * 60
 
 
 def _hms(seconds: float) -> str:
