@@ -1,12 +1,14 @@
 """Hand-written and library TensorIR schedule rules, per target family.
 
 ``rules_for(family)`` returns a family's rules (most specific first), ``layout_for(family)``
-the graph layout they are written for; ``apply_rules``
+the graph layout they are written for, ``baseline_rules_for(family)`` TVM's own rules (the
+plain path); ``apply_rules``
 is the pass that applies them; ``kernel_rules`` reports which rule scheduled each kernel.
 """
 
-from .registry import (UNSCHEDULED, apply_rules, kernel_rules, layout_for, register,
-                       register_layout, rule_name, rules_for)
+from .registry import (UNSCHEDULED, apply_rules, baseline_rules_for, kernel_rules,
+                       layout_for, register, register_baseline, register_layout, rule_name,
+                       rules_for)
 
-__all__ = ["UNSCHEDULED", "apply_rules", "kernel_rules", "layout_for", "register",
-           "register_layout", "rule_name", "rules_for"]
+__all__ = ["UNSCHEDULED", "apply_rules", "baseline_rules_for", "kernel_rules", "layout_for",
+           "register", "register_baseline", "register_layout", "rule_name", "rules_for"]

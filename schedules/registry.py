@@ -19,6 +19,8 @@ UNSCHEDULED = "unscheduled"
 
 # family -> list of factories, in priority order; filled by the family modules.
 _FACTORIES: dict[str, list[Callable[[], object]]] = {}
+# family -> factories of TVM's own rules, the plain path (`--no-custom-schedules`).
+_BASELINE: dict[str, list[Callable[[], object]]] = {}
 # family -> desired layouts for relax.transform.ConvertLayout (absent: keep the model's).
 _LAYOUTS: dict[str, dict[str, list[str]]] = {}
 
@@ -26,6 +28,12 @@ _LAYOUTS: dict[str, dict[str, list[str]]] = {}
 def register(family: str, factory: Callable[[], object]) -> None:
     """Append a rule factory to ``family``'s list (call order is priority order)."""
     _FACTORIES.setdefault(family, []).append(factory)
+
+
+def register_baseline(family: str, factory: Callable[[], object]) -> None:
+    """Append a rule factory to ``family``'s plain path: TVM's own rules, used when our
+    rules are turned off (a family whose kernels must be scheduled to compile needs one)."""
+    _BASELINE.setdefault(family, []).append(factory)
 
 
 def register_layout(family: str, layouts: dict[str, list[str]]) -> None:
@@ -43,6 +51,12 @@ def rules_for(family: str) -> list:
     """Fresh instances of ``family``'s rules, most specific first (may be empty)."""
     _load_families()
     return [make() for make in _FACTORIES.get(family, [])]
+
+
+def baseline_rules_for(family: str) -> list:
+    """Fresh instances of ``family``'s plain-path rules (empty: TVM's naive lowering)."""
+    _load_families()
+    return [make() for make in _BASELINE.get(family, [])]
 
 
 def rule_name(rule) -> str:

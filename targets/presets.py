@@ -56,7 +56,7 @@ class Preset:
 def _cuda(sm: str, gpus: str) -> Preset:
     return Preset(
         name=f"cuda-{sm.replace('_', '')}",
-        description=f"NVIDIA {gpus} (CUDA, {sm}), DLight schedules, x86-64 host",
+        description=f"NVIDIA {gpus} (CUDA, {sm}), x86-64 host",
         family="cuda", device="cuda", arch="x86_64",
         target={"kind": "cuda", "arch": sm}, host=_CUDA_HOST,
     )

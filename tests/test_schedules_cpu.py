@@ -3,58 +3,15 @@ shapes and odd ones; structure of what they produce; rules decline what they do 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, conv_kernel, depthwise_kernel,
+                     lowered_kernels, random_args, run_kernel)
 from torch import nn
 
 import targets
 from schedules.cpu import ConvGEMM, Depthwise, Generic
-
-HOST = targets.resolve("host")
-
-
-def lowered_kernels(module: nn.Module, shape) -> dict:
-    """The module's kernels as our pipeline lowers them for CPUs (NHWC, fused), before any
-    schedule: name -> PrimFunc."""
-    import io
-
-    import onnx
-    import tvm
-
-    import schedules
-    from xcompile import frontend, pipeline
-
-    module = module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(shape),), buf, dynamo=False, opset_version=17)
-    imported = frontend.import_onnx(onnx.load_from_string(buf.getvalue()))
-    with HOST.tvm_target():
-        mod = pipeline.graph_passes(schedules.layout_for("x86"))(imported.mod)
-        mod, _ = pipeline._lift_weights(mod)
-        mod = pipeline.lowering_passes()(mod)
-    return {gv.name_hint: f for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc)}
-
-
-def run_kernel(func, arrays, target=None):
-    import tvm
-
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=target or HOST.tvm_target())
-    tensors = [tvm.runtime.tensor(a) for a in arrays]
-    lib["main"](*tensors)
-    return tensors[-1].numpy()
-
-
-def random_args(func, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal([int(s) for s in p.shape]).astype(p.dtype)
-            for p in func.params]
 
 
 def check_rule(rule, func, expect_parallel=True):
@@ -72,34 +29,6 @@ def check_rule(rule, func, expect_parallel=True):
     return sch
 
 
-def conv_kernel(cin, cout, size, k=1, stride=1, pad=0, groups=1, batch=1, act=nn.ReLU):
-    layers = [nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False),
-              nn.BatchNorm2d(cout)]
-    if act is not None:
-        layers.append(act())
-    kernels = lowered_kernels(nn.Sequential(*layers), (batch, cin, size, size))
-    convs = [f for name, f in kernels.items() if "conv2d" in name]
-    assert len(convs) == 1, list(kernels)
-    return convs[0]
-
-
-# Pointwise and full convolutions: Xception's shapes, then odd ones.
-CONV_CASES = [
-    pytest.param(dict(cin=64, cout=128, size=147), id="pw-147-64-128"),
-    pytest.param(dict(cin=128, cout=256, size=74), id="pw-74-128-256"),
-    pytest.param(dict(cin=64, cout=128, size=147, stride=2), id="pw-skip-stride2"),
-    pytest.param(dict(cin=256, cout=728, size=37), id="pw-37-256-728"),
-    pytest.param(dict(cin=728, cout=728, size=19, act=None), id="pw-19-728-728"),
-    pytest.param(dict(cin=1024, cout=1536, size=10), id="pw-10-1024-1536"),
-    pytest.param(dict(cin=1536, cout=2048, size=10), id="pw-10-1536-2048"),
-    pytest.param(dict(cin=3, cout=32, size=299, k=3, stride=2), id="stem-3x3-s2-pad0"),
-    pytest.param(dict(cin=32, cout=64, size=149, k=3), id="stem-3x3-pad0"),
-    pytest.param(dict(cin=7, cout=20, size=23, k=3, pad=1, batch=2), id="odd-7-20-pad1-b2"),
-    pytest.param(dict(cin=13, cout=24, size=17, k=5, stride=2, pad=2, act=nn.SiLU),
-                 id="odd-k5-s2-silu"),
-]
-
-
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_gemm_matches_unscheduled(case):
     func = conv_kernel(**case)
@@ -107,24 +36,9 @@ def test_conv_gemm_matches_unscheduled(case):
     assert "layout_rewrite_preproc" in sch.mod["main"].script()  # weights packed
 
 
-DEPTHWISE_CASES = [
-    pytest.param(dict(c=64, size=147, k=3, pad=1), id="dw-147-64"),
-    pytest.param(dict(c=256, size=74, k=3, pad=1), id="dw-74-256"),
-    pytest.param(dict(c=728, size=37, k=3, pad=1), id="dw-37-728"),
-    pytest.param(dict(c=728, size=19, k=3, pad=1), id="dw-19-728"),
-    pytest.param(dict(c=1536, size=10, k=3, pad=1), id="dw-10-1536"),
-    pytest.param(dict(c=128, size=74, k=3, stride=2, pad=1), id="dw-stride2"),
-    pytest.param(dict(c=48, size=31, k=5, stride=2, pad=2, act=nn.SiLU), id="dw-k5-s2-silu"),
-    pytest.param(dict(c=32, size=21, k=3, pad=0), id="dw-pad0"),
-    pytest.param(dict(c=16, size=20, k=5, stride=2, pad=2, mult=2), id="dw-multiplier2"),
-]
-
-
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
 def test_depthwise_matches_unscheduled(case):
-    mult = case.pop("mult", 1)
-    c = case.pop("c")
-    func = conv_kernel(c, c * mult, groups=c, **case)
+    func = depthwise_kernel(**case)
     assert ConvGEMM().apply(func, HOST.tvm_target()) is None
     check_rule(Depthwise(), func)
 
@@ -247,7 +161,7 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
     vectors are split or widened by LLVM, so the schedule's logic is what is tested."""
     from tvm import s_tir
 
-    from schedules.cpu.analysis import match_conv2d_nhwc
+    from schedules.analysis import match_conv2d_nhwc
     from schedules.cpu.conv_gemm import gemm_configs
 
     func = conv_kernel(**case)
@@ -265,7 +179,7 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
 def test_other_isas_depthwise_computes_the_same(lanes):
     from tvm import s_tir
 
-    from schedules.cpu.analysis import match_conv2d_nhwc
+    from schedules.analysis import match_conv2d_nhwc
 
     func = conv_kernel(48, 48, size=31, k=5, stride=2, pad=2, groups=48, act=nn.SiLU)
     sch = s_tir.Schedule(func)

@@ -96,14 +96,6 @@ def lowering_passes():
         name="xcompile.Lowering")
 
 
-def baseline_rules(family: str) -> list:
-    """What TVM itself offers with no custom schedules: nothing on CPUs (naive loops);
-    DLight's GPU rules on CUDA, without which a GPU build does not compile."""
-    import schedules
-
-    return schedules.rules_for("cuda") if family == "cuda" else []
-
-
 def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32"):
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
     module's PrimFuncs are what the rules schedule and what the tuner tunes."""
@@ -128,7 +120,8 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
     import schedules
 
     family = preset.family
-    rules = schedules.rules_for(family) if custom_schedules else baseline_rules(family)
+    rules = (schedules.rules_for(family) if custom_schedules
+             else schedules.baseline_rules_for(family))
     mod, graph_stage = lower(mod, preset, custom_schedules, precision)
     with preset.tvm_target():
         if tuned is not None:

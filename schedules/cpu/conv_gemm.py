@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from .analysis import fuse_epilogue, match_cpu_conv
+from ..analysis import fuse_epilogue, match_conv
 from .target_info import cpu_info
 
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
@@ -99,7 +99,7 @@ class ConvGEMM(ConfigRule):
     config_type = GEMMConfig
 
     def match(self, sch, target):
-        return match_cpu_conv(sch, target, depthwise=False)
+        return match_conv(sch, target, "llvm", depthwise=False)
 
     def configs(self, conv, target) -> list[GEMMConfig]:
         info = cpu_info(target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from .analysis import fuse_epilogue, match_cpu_conv
+from ..analysis import fuse_epilogue, match_conv
 from .target_info import cpu_info
 
 
@@ -30,7 +30,7 @@ class Depthwise(ConfigRule):
     config_type = DepthwiseConfig
 
     def match(self, sch, target):
-        conv = match_cpu_conv(sch, target, depthwise=True)
+        conv = match_conv(sch, target, "llvm", depthwise=True)
         if conv is None or conv.out_shape[3] % cpu_info(target).lanes:
             return None
         return conv

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from ..rule import ConfigRule
-from .analysis import iter_kinds, root_blocks
+from ..analysis import iter_kinds, root_blocks
 from .target_info import cpu_info
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Structural queries on PrimFuncs that the CPU rules match on (never on names)."""
+"""Structural queries on PrimFuncs that the rules of every family match on (never on names)."""
 
 from __future__ import annotations
 
@@ -109,10 +109,11 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     return Conv2DNHWC(rv, pad, epilogues, out_shape, (ext[4], ext[5]), ext[6], depthwise)
 
 
-def match_cpu_conv(sch, target, depthwise: bool) -> Conv2DNHWC | None:
-    """The convolution of ``sch`` when ``target`` is a CPU (LLVM) target and the function
-    is a convolution of the wanted kind (depthwise or dense); otherwise None."""
-    if target.kind.name != "llvm":
+def match_conv(sch, target, kind: str, depthwise: bool) -> Conv2DNHWC | None:
+    """The convolution of ``sch`` when ``target`` is of TVM target kind ``kind`` ("llvm"
+    for CPUs, "cuda") and the function is a convolution of the wanted kind (depthwise or
+    dense); otherwise None."""
+    if target.kind.name != kind:
         return None
     conv = match_conv2d_nhwc(sch)
     if conv is None or conv.depthwise != depthwise:
