@@ -6,9 +6,10 @@ plain path); ``apply_rules``
 is the pass that applies them; ``kernel_rules`` reports which rule scheduled each kernel.
 """
 
-from .registry import (UNSCHEDULED, apply_rules, baseline_rules_for, kernel_rules,
-                       layout_for, register, register_baseline, register_layout, rule_name,
-                       rules_for)
+from .registry import (UNSCHEDULED, apply_rules, baseline_rules_for, fuses_separable,
+                       kernel_rules, layout_for, register, register_baseline, register_layout,
+                       register_separable_fusion, rule_name, rules_for, separable_rule)
 
-__all__ = ["UNSCHEDULED", "apply_rules", "baseline_rules_for", "kernel_rules", "layout_for",
-           "register", "register_baseline", "register_layout", "rule_name", "rules_for"]
+__all__ = ["UNSCHEDULED", "apply_rules", "baseline_rules_for", "fuses_separable",
+           "kernel_rules", "layout_for", "register", "register_baseline", "register_layout",
+           "register_separable_fusion", "rule_name", "rules_for", "separable_rule"]

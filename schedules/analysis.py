@@ -54,25 +54,13 @@ class Conv2DNHWC:
     depthwise: bool
 
 
-def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
-    """Find the single convolution block of a fused conv PrimFunc, or None.
-
-    Matches: one reduction block with iters S(n) S(y) S(x) S(f) R(ry) R(rx) R(rc) writing
-    ``out[n, y, x, f]``, reading an input whose last index uses rc (dense) or f
-    (depthwise), and a 4-D weight indexed ``[ry, rx, rc, f]`` (HWIO). Every other root
-    block is elementwise: a padding producer, or an epilogue over the output's shape.
-    """
-    reductions = []
-    for rv in root_blocks(sch):
-        block = sch.get(rv)
-        kinds = iter_kinds(block)
-        if "R" in kinds:
-            reductions.append((rv, block, kinds))
-        elif "?" in kinds:
-            return None
-    if len(reductions) != 1:
-        return None
-    rv, block, kinds = reductions[0]
+def conv_block(sch, rv) -> Conv2DNHWC | None:
+    """``rv`` as a convolution, or None: iters S(n) S(y) S(x) S(f) R(ry) R(rx) R(rc)
+    writing ``out[n, y, x, f]``, reading an input whose last index uses rc (dense) or f
+    (depthwise), and a 4-D weight indexed ``[ry, rx, rc, f]`` (HWIO). Its padding
+    producer and epilogues are left for the caller to find (None, [])."""
+    block = sch.get(rv)
+    kinds = iter_kinds(block)
     if kinds != "SSSSRRR" or len(block.writes) != 1 or len(block.reads) != 2:
         return None
     n, y, x, f, ry, rx, rc = (iv.var for iv in block.iter_vars)
@@ -93,20 +81,121 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
         depthwise = False
     else:
         return None
+    ext = [int(iv.dom.extent) for iv in block.iter_vars]
+    return Conv2DNHWC(rv, None, [], tuple(int(s) for s in out.source.shape),
+                      (ext[4], ext[5]), ext[6], depthwise)
+
+
+def _split_blocks(sch):
+    """(reduction blocks, other blocks) under the root, or None if a block has an iter
+    that is neither data-parallel nor a reduction."""
+    reductions, others = [], []
+    for rv in root_blocks(sch):
+        kinds = iter_kinds(sch.get(rv))
+        if "?" in kinds:
+            return None
+        (reductions if "R" in kinds else others).append(rv)
+    return reductions, others
+
+
+def _pad_producer(sch, rv):
+    """The elementwise producer of conv block ``rv`` (its zero padding), or None."""
     pad = None
     for prv in sch.get_producers(rv):
         if "R" not in iter_kinds(sch.get(prv)):
             pad = prv
-    others = [b for b in root_blocks(sch) if not sch.get(b).same_as(block)]
-    epilogues = [b for b in others if pad is None or not sch.get(b).same_as(sch.get(pad))]
-    out_shape = tuple(int(s) for s in out.source.shape)
+    return pad
+
+
+def _same_shape(sch, blocks, shape) -> bool:
+    return all(tuple(int(s) for s in sch.get(b).writes[0].source.shape) == shape
+               for b in blocks)
+
+
+def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
+    """Find the single convolution block of a fused conv PrimFunc (see ``conv_block``),
+    or None. Every other root block is elementwise: a padding producer, or an epilogue
+    over the output's shape."""
+    split = _split_blocks(sch)
+    if split is None or len(split[0]) != 1:
+        return None
+    conv = conv_block(sch, split[0][0])
+    if conv is None:
+        return None
+    conv.pad_block = _pad_producer(sch, conv.block)
+    is_pad = (lambda b: conv.pad_block is not None
+              and sch.get(b).same_as(sch.get(conv.pad_block)))
+    conv.epilogues = [b for b in split[1] if not is_pad(b)]
     # Only elementwise epilogues over the conv's own output (a squeeze-excite gate that
     # broadcasts over a larger map is another pattern).
-    if any(tuple(int(s) for s in sch.get(b).writes[0].source.shape) != out_shape
-           for b in epilogues):
+    return conv if _same_shape(sch, conv.epilogues, conv.out_shape) else None
+
+
+def pixel_for_pixel(sch, conv: Conv2DNHWC) -> bool:
+    """Whether ``conv`` reads input pixel (n, y, x) for output pixel (n, y, x): a 1x1
+    stride-1 convolution with no padding."""
+    from tvm.sym.analyzer import Analyzer
+
+    block = sch.get(conv.block)
+    n, y, x, _, ry, rx, _ = (iv.var for iv in block.iter_vars)
+    rn, ryy, rxx = (r.min for r in block.reads[0].region[:3])
+    # The 1x1 window's iters have extent 1; the index is `y + ry` (stride 2: `y * 2 + ry`).
+    same = Analyzer().can_prove_equal
+    return (conv.kernel == (1, 1) and is_var(rn, n) and same(ryy, y + ry)
+            and same(rxx, x + rx))
+
+
+@dataclass
+class Separable:
+    """A depthwise conv feeding a pointwise (1x1, stride 1) conv in one PrimFunc.
+
+    ``depthwise.epilogues`` are the elementwise blocks between the two (batch norm,
+    activation), ``pointwise.epilogues`` those after the pointwise conv."""
+
+    depthwise: Conv2DNHWC
+    pointwise: Conv2DNHWC
+
+
+def match_separable(sch) -> Separable | None:
+    """The fused separable convolution of ``sch``, or None: two convolution blocks, the
+    first depthwise, the second dense 1x1 with stride 1 reading the first's output (or
+    an elementwise function of it) pixel for pixel; every other block elementwise."""
+    split = _split_blocks(sch)
+    if split is None or len(split[0]) != 2:
         return None
-    ext = [int(iv.dom.extent) for iv in block.iter_vars]
-    return Conv2DNHWC(rv, pad, epilogues, out_shape, (ext[4], ext[5]), ext[6], depthwise)
+    dw, pw = (conv_block(sch, rv) for rv in split[0])
+    if dw is None or pw is None or not dw.depthwise or pw.depthwise or pw.kernel != (1, 1):
+        return None
+    if not pixel_for_pixel(sch, pw):
+        return None
+    if dw.out_shape[:3] != pw.out_shape[:3] or dw.out_shape[3] != pw.in_channels:
+        return None
+    dw.pad_block = _pad_producer(sch, dw.block)
+    order = [sch.get(b) for b in root_blocks(sch)]
+
+    def position(rv) -> int:
+        return next(i for i, b in enumerate(order) if b.same_as(sch.get(rv)))
+
+    dw_at, pw_at = position(dw.block), position(pw.block)
+    for rv in split[1]:
+        at = position(rv)
+        if dw.pad_block is not None and sch.get(rv).same_as(sch.get(dw.pad_block)):
+            continue
+        if dw_at < at < pw_at:
+            dw.epilogues.append(rv)
+        elif at > pw_at:
+            pw.epilogues.append(rv)
+        else:
+            return None
+    if not (_same_shape(sch, dw.epilogues, dw.out_shape)
+            and _same_shape(sch, pw.epilogues, pw.out_shape)):
+        return None
+    # The depthwise side's results are read by the pointwise conv only.
+    inner = [sch.get(b).writes[0].source for b in [dw.block, *dw.epilogues]]
+    if any(r.source.same_as(buf) for b in pw.epilogues for r in sch.get(b).reads
+           for buf in inner):
+        return None
+    return Separable(dw, pw)
 
 
 def match_conv(sch, target, kind: str, depthwise: bool) -> Conv2DNHWC | None:

@@ -21,6 +21,8 @@ UNSCHEDULED = "unscheduled"
 _FACTORIES: dict[str, list[Callable[[], object]]] = {}
 # family -> factories of TVM's own rules, the plain path (`--no-custom-schedules`).
 _BASELINE: dict[str, list[Callable[[], object]]] = {}
+# family -> factory of its rule for fused depthwise -> pointwise kernels.
+_SEPARABLE_FUSION: dict[str, Callable[[], object]] = {}
 # family -> desired layouts for relax.transform.ConvertLayout (absent: keep the model's).
 _LAYOUTS: dict[str, dict[str, list[str]]] = {}
 
@@ -39,6 +41,24 @@ def register_baseline(family: str, factory: Callable[[], object]) -> None:
 def register_layout(family: str, layouts: dict[str, list[str]]) -> None:
     """Set the graph layout ``family``'s rules are written for (ConvertLayout's format)."""
     _LAYOUTS[family] = layouts
+
+
+def register_separable_fusion(family: str, factory: Callable[[], object]) -> None:
+    """Declare ``family``'s rule for fused separable convolutions (also one of its
+    rules), so the pipeline may fuse the depthwise -> pointwise pairs it schedules."""
+    _SEPARABLE_FUSION[family] = factory
+
+
+def fuses_separable(family: str) -> bool:
+    """Whether ``family`` schedules fused separable convolutions."""
+    _load_families()
+    return family in _SEPARABLE_FUSION
+
+
+def separable_rule(family: str):
+    """A fresh instance of ``family``'s fused-separable rule (see ``fuses_separable``)."""
+    _load_families()
+    return _SEPARABLE_FUSION[family]()
 
 
 def layout_for(family: str) -> dict[str, list[str]] | None:

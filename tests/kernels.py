@@ -15,15 +15,16 @@ import targets
 HOST = targets.resolve("host")
 
 
-def lowered_kernels(module: nn.Module, shape, precision: str = "fp32") -> dict:
-    """The module's kernels as our pipeline lowers them (NHWC, fused; the CPU and CUDA
-    families share this layout), before any schedule: name -> PrimFunc."""
+def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
+                    fuse_separable: bool = False) -> dict:
+    """The module's kernels as our pipeline lowers them for this CPU (NHWC, fused; CUDA
+    shares the layout), before any schedule: name -> PrimFunc. ``fuse_separable``:
+    depthwise -> pointwise pairs as one kernel, as CPU builds do."""
     import io
 
     import onnx
     import tvm
 
-    import schedules
     from xcompile import frontend, pipeline
 
     module = module.eval()
@@ -32,10 +33,8 @@ def lowered_kernels(module: nn.Module, shape, precision: str = "fp32") -> dict:
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(shape),), buf, dynamo=False, opset_version=17)
     imported = frontend.import_onnx(onnx.load_from_string(buf.getvalue()))
-    with HOST.tvm_target():
-        mod = pipeline.graph_passes(schedules.layout_for("x86"), precision)(imported.mod)
-        mod, _ = pipeline._lift_weights(mod)
-        mod = pipeline.lowering_passes()(mod)
+    mod, _ = pipeline.lower(imported.mod, HOST, precision=precision,
+                            fuse_separable=fuse_separable)
     return {gv.name_hint: f for gv, f in mod.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc)}
 
@@ -72,6 +71,21 @@ def depthwise_kernel(c, mult=1, **layer):
     return conv_kernel(c, c * mult, groups=c, **layer)
 
 
+def separable_kernel(c, cout, size, stride=1, pad=1, k=3, between=False, act=nn.ReLU):
+    """The fused kernel of a depthwise conv (+ batch norm and ReLU when ``between``) and
+    the 1x1 conv after it (+ batch norm, activation)."""
+    layers = [nn.Conv2d(c, c, k, stride, pad, groups=c, bias=False)]
+    if between:
+        layers += [nn.BatchNorm2d(c), nn.ReLU()]
+    layers += [nn.Conv2d(c, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act())
+    kernels = lowered_kernels(nn.Sequential(*layers), (1, c, size, size), fuse_separable=True)
+    convs = [f for name, f in kernels.items() if "conv2d" in name]  # not the transposes
+    assert len(convs) == 1, list(kernels)
+    return convs[0]
+
+
 # Pointwise and full convolutions: Xception's shapes, then odd ones.
 CONV_CASES = [
     pytest.param(dict(cin=64, cout=128, size=147), id="pw-147-64-128"),
@@ -99,4 +113,15 @@ DEPTHWISE_CASES = [
     pytest.param(dict(c=48, size=31, k=5, stride=2, pad=2, act=nn.SiLU), id="dw-k5-s2-silu"),
     pytest.param(dict(c=32, size=21, k=3, pad=0), id="dw-pad0"),
     pytest.param(dict(c=16, size=20, k=5, stride=2, pad=2, mult=2), id="dw-multiplier2"),
+]
+
+
+# Fused depthwise -> pointwise: Xception's flows, then odd ones.
+SEPARABLE_CASES = [
+    pytest.param(dict(c=728, cout=728, size=19), id="sep-19-728-middle"),
+    pytest.param(dict(c=256, cout=728, size=37), id="sep-37-256-728"),
+    pytest.param(dict(c=64, cout=128, size=147, act=None), id="sep-147-64-128"),
+    pytest.param(dict(c=1536, cout=2048, size=10), id="sep-10-1536-2048"),
+    pytest.param(dict(c=32, cout=24, size=15, stride=2, between=True), id="sep-s2-bn-relu"),
+    pytest.param(dict(c=48, cout=20, size=13, k=5, pad=0, act=nn.SiLU), id="sep-k5-pad0-silu"),
 ]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, conv_kernel, depthwise_kernel,
-                     lowered_kernels, random_args, run_kernel)
+from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES, conv_kernel,
+                     depthwise_kernel, lowered_kernels, random_args, run_kernel,
+                     separable_kernel)
 from torch import nn
 
 import targets
-from schedules.cpu import ConvGEMM, Depthwise, Generic
+from schedules.cpu import ConvGEMM, Depthwise, Generic, SeparableConv
 
 
 def check_rule(rule, func, expect_parallel=True):
@@ -41,6 +42,21 @@ def test_depthwise_matches_unscheduled(case):
     func = depthwise_kernel(**case)
     assert ConvGEMM().apply(func, HOST.tvm_target()) is None
     check_rule(Depthwise(), func)
+
+
+@pytest.mark.parametrize("case", SEPARABLE_CASES)
+def test_separable_matches_unscheduled(case):
+    """One kernel computes both convs: the depthwise rows of each pixel chunk, then its
+    GEMM tiles, with no full-size depthwise output."""
+    func = separable_kernel(**case)
+    for single in (ConvGEMM(), Depthwise()):
+        assert single.apply(func, HOST.tvm_target()) is None
+    sch = check_rule(SeparableConv(), func)
+    script = sch.mod["main"].script()
+    chunk = script.index("T.parallel")
+    # The depthwise block sits inside the parallel chunk loop, before the GEMM.
+    assert script.index('T.sblock("group_conv2d_nhwc') > chunk
+    assert script.index('T.sblock("group_conv2d_nhwc') < script.index('T.sblock("conv2d_nhwc')
 
 
 def test_odd_depthwise_falls_back_to_generic():

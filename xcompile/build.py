@@ -40,6 +40,7 @@ class BuildOptions:
     tuning_log: str | None = None  # a log folder; "none"; None: the shipped log, if any
     cuda_archs: tuple[str, ...] = ()  # CUDA targets: the GPU architectures to compile for
     precision: str = "fp32"  # fp32, or fp16 (mixed precision: fp16 math, fp32 accumulation)
+    fuse_separable: bool = False  # depthwise -> pointwise pairs as one kernel (CPU families)
 
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
@@ -48,6 +49,7 @@ class BuildOptions:
                 f"batch={self.batch if self.batch is not None else 'from model'} "
                 f"custom_schedules={self.custom_schedules} cuda_graph={self.cuda_graph} "
                 f"tuning_log={self.tuning_log or 'shipped'} precision={self.precision} "
+                f"fuse_separable={self.fuse_separable} "
                 f"{'cuda_archs=' + ','.join(self.cuda_archs) + ' ' if self.cuda_archs else ''}"
                 f"output={self.output}")
 
@@ -89,7 +91,8 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                     batch: int | None = None, output: str | None = None,
                     custom_schedules: bool = True, cuda_graph: bool = True,
                     tuning_log: str | None = None,
-                    cuda_arch: str | None = None, precision: str = "fp32") -> BuildOptions:
+                    cuda_arch: str | None = None, precision: str = "fp32",
+                    fuse_separable: bool = False) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
     model_path, builtin = resolve_model(model, target, batch)
     if builtin is not None:
@@ -119,7 +122,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
     return BuildOptions(model=model_path, builtin=builtin, target=target, batch=batch,
                         output=output, custom_schedules=custom_schedules,
                         cuda_graph=cuda_graph, tuning_log=tuning_log, cuda_archs=archs,
-                        precision=precision)
+                        precision=precision, fuse_separable=fuse_separable)
 
 
 def _versions() -> dict:
@@ -194,7 +197,7 @@ def compile_model(opts: BuildOptions) -> Compiled:
 
         tuned = load_for_build(opts.tuning_log, preset)
     opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned,
-                            precision=opts.precision)
+                            precision=opts.precision, fuse_separable=opts.fuse_separable)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}

@@ -66,7 +66,8 @@ def cmd_build(args) -> int:
     opts = resolve_options(model=args.model, target=args.target, batch=args.batch,
                            output=args.output, custom_schedules=not args.no_custom_schedules,
                            cuda_graph=not args.no_cuda_graph, tuning_log=args.tuning_log,
-                           cuda_arch=args.cuda_arch, precision=args.precision)
+                           cuda_arch=args.cuda_arch, precision=args.precision,
+                           fuse_separable=args.fuse_separable)
     manifest = build(opts)
     rules = {}
     for k in manifest["kernels"]:
@@ -244,6 +245,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-custom-schedules", action="store_true",
                    help="TVM's plain path for comparison: the model's layout, no xcompile "
                         "rules (CPU kernels stay naive loops; CUDA keeps DLight)")
+    s.add_argument("--fuse-separable", action="store_true",
+                   help="CPU targets: compute each depthwise conv inside the pointwise conv "
+                        "after it, one kernel per pair (off by default: it measured no "
+                        "faster on x86; see the README)")
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="CUDA targets: launch kernels one by one instead of replaying a "
                         "captured CUDA graph")

@@ -96,21 +96,28 @@ def lowering_passes():
         name="xcompile.Lowering")
 
 
-def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32"):
+def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
+          fuse_separable: bool = False):
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
-    module's PrimFuncs are what the rules schedule and what the tuner tunes."""
+    module's PrimFuncs are what the rules schedule and what the tuner tunes.
+    ``fuse_separable``: depthwise -> pointwise kernel pairs become one kernel, for the
+    families whose rules schedule those."""
     import schedules
+    from xcompile.separable_fusion import fuse_separable as fusion
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
     with preset.tvm_target():
         mod = graph_passes(layout, precision)(mod)
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes()(mod)
+        if custom_schedules and fuse_separable and schedules.fuses_separable(preset.family):
+            rule, target = schedules.separable_rule(preset.family), preset.tvm_target()
+            mod = fusion(lambda func: rule.apply(func, target) is not None)(mod)
     return mod, graph_stage
 
 
 def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
-             precision: str = "fp32") -> Optimized:
+             precision: str = "fp32", fuse_separable: bool = False) -> Optimized:
     """Run the stages above for ``preset``; ``custom_schedules=False`` keeps the model's
     layout and TVM's baseline schedules (the plain path, for comparison). ``tuned``
     (an ``xcompile.tuning.TunedKernels``) schedules the kernels it has records for,
@@ -122,7 +129,7 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
     family = preset.family
     rules = (schedules.rules_for(family) if custom_schedules
              else schedules.baseline_rules_for(family))
-    mod, graph_stage = lower(mod, preset, custom_schedules, precision)
+    mod, graph_stage = lower(mod, preset, custom_schedules, precision, fuse_separable)
     with preset.tvm_target():
         if tuned is not None:
             mod = tuned.apply_pass()(mod)

@@ -1,10 +1,11 @@
 """CPU families (x86 AVX2/AVX-512, ARM NEON): the same rules, sized per target from the
 vector ISA TVM reports; most specific first, the generic fallback last."""
 
-from ..registry import register, register_layout
+from ..registry import register, register_layout, register_separable_fusion
 from .conv_gemm import ConvGEMM
 from .depthwise import Depthwise
 from .generic import Generic
+from .separable import SeparableConv
 
 # Convolutions in NHWC with HWIO weights: channels are contiguous, so every conv
 # vectorizes over channels; weights change layout once, at build time.
@@ -12,7 +13,8 @@ CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 for _family in ("x86", "arm"):
     register_layout(_family, CPU_LAYOUT)
-    for _rule in (ConvGEMM, Depthwise, Generic):
+    register_separable_fusion(_family, SeparableConv)
+    for _rule in (SeparableConv, ConvGEMM, Depthwise, Generic):
         register(_family, _rule)
 
-__all__ = ["CPU_LAYOUT", "ConvGEMM", "Depthwise", "Generic"]
+__all__ = ["CPU_LAYOUT", "ConvGEMM", "Depthwise", "Generic", "SeparableConv"]

@@ -1,0 +1,78 @@
+"""Fused separable convolution (depthwise, then a 1x1 stride-1 conv of its output) in one
+kernel, from ``xcompile.separable_fusion``.
+
+The pointwise conv is scheduled as ``ConvGEMM`` does it: chunks of output pixels in
+parallel, each chunk's input rows packed into a panel, then register-tiled. Here the
+panel's rows come straight from the depthwise conv: it is computed per chunk, for exactly
+the chunk's pixels (both convs are indexed by pixel row, ``n*H*W + y*W + x``), into a
+chunk-sized buffer that stays in cache, so the depthwise output never goes to main
+memory. Its schedule within the chunk is ``Depthwise``'s: channel vectors, the window
+unrolled, accumulators in registers.
+"""
+
+from __future__ import annotations
+
+from ..analysis import fuse_epilogue, match_separable
+from ..rule import ConfigRule
+from .conv_gemm import ConvGEMM, GEMMConfig
+from .target_info import cpu_info
+
+
+class SeparableConv(ConfigRule):
+    """Schedule rule: a fused depthwise -> pointwise PrimFunc -> one parallel loop over
+    pixel chunks, each computing its depthwise rows and then its GEMM tiles."""
+
+    name = "xcompile.cpu.SeparableConv"
+    config_type = GEMMConfig
+
+    def match(self, sch, target):
+        if target.kind.name != "llvm":
+            return None
+        sep = match_separable(sch)
+        if sep is None or sep.depthwise.out_shape[3] % cpu_info(target).lanes:
+            return None
+        return sep
+
+    def configs(self, sep, target) -> list[GEMMConfig]:
+        return ConvGEMM().configs(sep.pointwise, target)
+
+    def searchable(self, sep, config, target) -> bool:
+        return ConvGEMM().searchable(sep.pointwise, config, target)
+
+    def schedule(self, sch, sep, config: GEMMConfig, target) -> None:
+        from tvm.s_tir import ScheduleError
+
+        lanes = cpu_info(target).lanes
+        dw, pw = sep.depthwise, sep.pointwise
+        n, h, w, _ = dw.out_shape
+        hw = h * w
+        if dw.pad_block is not None:
+            sch.compute_inline(dw.pad_block)
+        # Depthwise accumulators in registers; what lies between the convs (batch norm,
+        # activation, the pointwise conv's input copy) is fused into their write-back,
+        # which then writes the pointwise conv's input directly.
+        wb = sch.cache_write(dw.block, 0, "local")
+        fuse_epilogue(sch, dw.epilogues)
+        # That input by pixel row, as the GEMM's rows are.
+        sch.transform_layout(wb, ("write", 0), lambda b, y, x, c: (b * hw + y * w + x, c))
+        sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
+        ConvGEMM._schedule(sch, pw, config, lanes)
+        # Each chunk computes its own depthwise rows, right before packing them; each row
+        # (pixel) all its channels, a vector at a time, then writes them back.
+        sch.compute_at(wb, sch.get_loops(pw.block)[0])
+        row, c = sch.get_loops(wb)[1:]
+        sch.vectorize(sch.split(c, [None, lanes])[1])
+        sch.compute_at(dw.block, row)
+        channels, *window = sch.get_loops(dw.block)[2:]
+        co, cv = sch.split(channels, [None, lanes])
+        sch.reorder(co, *window, cv)
+        for loop in window:
+            sch.unroll(loop)
+        try:
+            sch.vectorize(cv)
+        except ScheduleError:
+            # The last chunk's rows past the end carry a bounds predicate, and TVM then
+            # refuses to vectorize some reduction updates; LLVM gets them unrolled.
+            sch.unroll(cv)
+        init = sch.decompose_reduction(dw.block, window[0])
+        sch.vectorize(sch.get_loops(init)[-1])
