@@ -40,9 +40,12 @@ class SeparableConv(ConfigRule):
         return ConvGEMM().searchable(sep.pointwise, config, target)
 
     def schedule(self, sch, sep, config: GEMMConfig, target) -> None:
+        self._schedule(sch, sep, config, cpu_info(target).lanes)
+
+    @staticmethod
+    def _schedule(sch, sep, config: GEMMConfig, lanes: int) -> None:
         from tvm.s_tir import ScheduleError
 
-        lanes = cpu_info(target).lanes
         dw, pw = sep.depthwise, sep.pointwise
         n, h, w, _ = dw.out_shape
         hw = h * w
@@ -53,8 +56,13 @@ class SeparableConv(ConfigRule):
         # which then writes the pointwise conv's input directly.
         wb = sch.cache_write(dw.block, 0, "local")
         fuse_epilogue(sch, dw.epilogues)
-        # That input by pixel row, as the GEMM's rows are.
-        sch.transform_layout(wb, ("write", 0), lambda b, y, x, c: (b * hw + y * w + x, c))
+        # Both depthwise blocks and that input by pixel row, as the GEMM's rows are (so
+        # that computing them per chunk keeps their bindings affine).
+        for block in (dw.block, wb):
+            sch.transform_layout(block, ("write", 0),
+                                 lambda b, y, x, c: (b * hw + y * w + x, c))
+        sch.transform_block_layout(
+            dw.block, lambda b, y, x, c, ry, rx, rc: (b * hw + y * w + x, c, ry, rx, rc))
         sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
         ConvGEMM._schedule(sch, pw, config, lanes)
         # Each chunk computes its own depthwise rows, right before packing them; each row
@@ -71,8 +79,8 @@ class SeparableConv(ConfigRule):
         try:
             sch.vectorize(cv)
         except ScheduleError:
-            # The last chunk's rows past the end carry a bounds predicate, and TVM then
-            # refuses to vectorize some reduction updates; LLVM gets them unrolled.
+            # TVM refuses to vectorize a reduction update whose bindings it cannot
+            # prove affine under the last chunk's bounds predicate; LLVM gets it unrolled.
             sch.unroll(cv)
         init = sch.decompose_reduction(dw.block, window[0])
         sch.vectorize(sch.get_loops(init)[-1])
