@@ -164,9 +164,9 @@ def match_separable(sch) -> Separable | None:
     if split is None or len(split[0]) != 2:
         return None
     dw, pw = (conv_block(sch, rv) for rv in split[0])
-    if dw is None or pw is None or not dw.depthwise or pw.depthwise or pw.kernel != (1, 1):
+    if dw is None or pw is None or not dw.depthwise or pw.depthwise:
         return None
-    if not pixel_for_pixel(sch, pw):
+    if not pixel_for_pixel(sch, pw):  # 1x1, stride 1
         return None
     if dw.out_shape[:3] != pw.out_shape[:3] or dw.out_shape[3] != pw.in_channels:
         return None
@@ -208,6 +208,38 @@ def match_conv(sch, target, kind: str, depthwise: bool) -> Conv2DNHWC | None:
     if conv is None or conv.depthwise != depthwise:
         return None
     return conv
+
+
+def accumulate_locally(sch, conv: Conv2DNHWC):
+    """Read ``conv``'s zero padding in place (a guarded load, no padded copy), keep its
+    accumulators in a local buffer and fuse its epilogue into their write-back; returns
+    the write-back block."""
+    if conv.pad_block is not None:
+        sch.compute_inline(conv.pad_block)
+    wb = sch.cache_write(conv.block, 0, "local")
+    fuse_epilogue(sch, conv.epilogues)
+    return wb
+
+
+def index_by_pixel_row(sch, conv: Conv2DNHWC, writeback, fuse_reduction: bool = False):
+    """Index ``conv``'s block, its accumulators and ``writeback`` by pixel row
+    ``n*H*W + y*W + x`` instead of (n, y, x): the rows of a GEMM. With
+    ``fuse_reduction`` the window and input channels become one depth index
+    ``(ry*KW + rx)*C + rc``; otherwise they stay (ry, rx, rc)."""
+    _, h, w, _ = conv.out_shape
+    kw, c = conv.kernel[1], conv.in_channels
+
+    def row(b, y, x):
+        return b * h * w + y * w + x
+
+    sch.transform_layout(conv.block, ("write", 0), lambda b, y, x, f: (row(b, y, x), f))
+    if fuse_reduction:
+        sch.transform_block_layout(conv.block, lambda b, y, x, f, ry, rx, rc: (
+            row(b, y, x), f, (ry * kw + rx) * c + rc))
+    else:
+        sch.transform_block_layout(conv.block, lambda b, y, x, f, ry, rx, rc: (
+            row(b, y, x), f, ry, rx, rc))
+    sch.transform_block_layout(writeback, lambda b, y, x, f: (row(b, y, x), f))
 
 
 def fuse_epilogue(sch, epilogues: list) -> None:

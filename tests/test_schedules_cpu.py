@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES, conv_kernel,
-                     depthwise_kernel, lowered_kernels, random_args, run_kernel,
-                     separable_kernel)
+from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
+                     assert_computes_the_same, conv_kernel, depthwise_kernel,
+                     lowered_kernels, random_args, run_kernel, separable_kernel)
 from torch import nn
 
 import targets
@@ -23,10 +23,7 @@ def check_rule(rule, func, expect_parallel=True):
     assert "T.vectorized" in script
     if expect_parallel:
         assert "T.parallel" in script
-    args = random_args(func)
-    want = run_kernel(func, [a.copy() for a in args])
-    got = run_kernel(sch.mod["main"], [a.copy() for a in args])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_computes_the_same(func, sch.mod["main"])
     return sch
 
 
@@ -107,11 +104,12 @@ def test_rules_decline_gpu_targets():
         assert rule.apply(func, cuda) is None
 
 
-def _asm(func, preset_name):
+def _asm(func, preset_name, rule=None):
+    """The assembly of ``func`` scheduled by ``rule`` (default ConvGEMM) for a preset."""
     import tvm
 
     preset = targets.resolve(preset_name)
-    sch = ConvGEMM().apply(func, preset.tvm_target())
+    sch = (rule or ConvGEMM()).apply(func, preset.tvm_target())
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
                       target=preset.tvm_target())
 
@@ -185,10 +183,7 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
     conv = match_conv2d_nhwc(sch)
     n, h, w, f = conv.out_shape
     ConvGEMM._schedule(sch, conv, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
-    args = random_args(func)
-    want = run_kernel(func, [a.copy() for a in args])
-    got = run_kernel(sch.mod["main"], [a.copy() for a in args])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_computes_the_same(func, sch.mod["main"])
 
 
 @pytest.mark.parametrize("lanes", [16, 4], ids=["avx512-lanes", "neon-lanes"])
@@ -200,10 +195,7 @@ def test_other_isas_depthwise_computes_the_same(lanes):
     func = conv_kernel(48, 48, size=31, k=5, stride=2, pad=2, groups=48, act=nn.SiLU)
     sch = s_tir.Schedule(func)
     Depthwise._schedule(sch, match_conv2d_nhwc(sch), lanes)
-    args = random_args(func)
-    want = run_kernel(func, [a.copy() for a in args])
-    got = run_kernel(sch.mod["main"], [a.copy() for a in args])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_computes_the_same(func, sch.mod["main"])
 
 
 @pytest.mark.parametrize("lanes,registers", [(16, 32), (4, 32)], ids=["avx512-tiles", "neon-tiles"])
@@ -219,26 +211,10 @@ def test_other_isas_separable_computes_the_same(lanes, registers):
     sep = match_separable(sch)
     n, h, w, f = sep.pointwise.out_shape
     SeparableConv._schedule(sch, sep, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
-    args = random_args(func)
-    want = run_kernel(func, [a.copy() for a in args])
-    got = run_kernel(sch.mod["main"], [a.copy() for a in args])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert_computes_the_same(func, sch.mod["main"])
 
 
 def test_neon_separable_instructions():
     """The fused kernel cross-compiled for ARM: NEON FMAs on 4-lane vectors."""
-    import tvm
-
-    preset = targets.resolve("arm64-neon")
-    func = separable_kernel(c=64, cout=64, size=19)
-    sch = SeparableConv().apply(func, preset.tvm_target())
-    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
-                      target=preset.tvm_target())
-
-    def find(m):
-        if m.kind == "llvm":
-            return m.inspect_source("asm")
-        return next((s for s in map(find, m.imports) if s), None)
-
-    asm = find(lib.mod)
+    asm = _asm(separable_kernel(c=64, cout=64, size=19), "arm64-neon", SeparableConv())
     assert asm.count("fmla\tv") > 10 and ".4s" in asm

@@ -152,12 +152,19 @@ class _FuseRewriter:
         self.mod = mod
         self.pairs = pairs
 
+    @staticmethod
+    def _outer_args(dw, pw) -> list:
+        """The fused call's arguments: the depthwise kernel's, then the pointwise
+        kernel's other than the depthwise output."""
+        return _call_tir_parts(dw.value)[1] + _call_tir_parts(pw.value)[1][1:]
+
     def _group(self, dw, pw):
+        """The primitive function computing the pair from ``_outer_args``."""
         from tvm import relax
 
         dw_gv, dw_args = _call_tir_parts(dw.value)
-        pw_gv, pw_args = _call_tir_parts(pw.value)
-        outer = dw_args + pw_args[1:]
+        pw_gv, _ = _call_tir_parts(pw.value)
+        outer = self._outer_args(dw, pw)
         params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outer)]
         mid = relax.DataflowVar("depthwise", dw.var.ty)
         out = relax.DataflowVar("separable", pw.var.ty)
@@ -169,7 +176,7 @@ class _FuseRewriter:
         ]
         body = relax.SeqExpr([relax.DataflowBlock(bindings)], out)
         func = relax.Function(params, body, pw.var.ty, is_pure=True)
-        return func.with_attr("Primitive", True), outer
+        return func.with_attr("Primitive", True)
 
     def run(self):
         import tvm
@@ -179,11 +186,11 @@ class _FuseRewriter:
         drop, replace, groups = set(), {}, {}
         for dw, pw in self.pairs:
             dw_gv, pw_gv = key = _key(dw, pw)  # repeated blocks share kernels and groups
-            func, outer = self._group(dw, pw)
             if key not in groups:  # add_func gives the GlobalVar its function type
-                groups[key] = builder.add_func(func, f"fused_{dw_gv.name_hint}_{pw_gv.name_hint}")
+                groups[key] = builder.add_func(self._group(dw, pw),
+                                               f"fused_{dw_gv.name_hint}_{pw_gv.name_hint}")
             drop.add(dw.var)
-            replace[pw.var] = relax.Call(groups[key], outer)
+            replace[pw.var] = relax.Call(groups[key], self._outer_args(dw, pw))
         mod = builder.get()
         main = mod["main"]
         blocks = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from ..analysis import fuse_epilogue, match_conv
+from ..analysis import accumulate_locally, index_by_pixel_row, match_conv
 from .target_info import cpu_info
 
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
@@ -119,20 +119,12 @@ class ConvGEMM(ConfigRule):
         from tvm.tirx import IndexMap
 
         mr, nu, mb = config.mr, config.nu, config.mb
-        n, h, w, f = conv.out_shape
-        hw = h * w
         nr = nu * lanes
         block = conv.block
-        if conv.pad_block is not None:
-            sch.compute_inline(conv.pad_block)
-        # Accumulators, with the elementwise epilogue fused into their write-back.
-        wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, conv.epilogues)
-        # Pixels as one GEMM row index.
-        sch.transform_layout(block, ("write", 0), lambda b, y, x, c: (b * hw + y * w + x, c))
-        sch.transform_block_layout(
-            block, lambda b, y, x, c, ry, rx, rc: (b * hw + y * w + x, c, ry, rx, rc))
-        sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
+        # Accumulators, with the elementwise epilogue fused into their write-back;
+        # pixels as one GEMM row index.
+        wb = accumulate_locally(sch, conv)
+        index_by_pixel_row(sch, conv, wb)
         # Input rows: reindexed to [row, ry, rx, rc], padded to whole chunks, packed.
         gathered = sch.reindex(block, ("read", 0))
         # Pad rows to whole chunks and channels to whole NR-wide tiles.

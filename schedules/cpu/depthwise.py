@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from ..analysis import fuse_epilogue, match_conv
+from ..analysis import accumulate_locally, match_conv
 from .target_info import cpu_info
 
 
@@ -49,11 +49,7 @@ class Depthwise(ConfigRule):
     @staticmethod
     def _schedule(sch, conv, lanes: int, config: DepthwiseConfig = DepthwiseConfig()) -> None:
         block = conv.block
-        if conv.pad_block is not None:
-            # Zero padding read in place: a select on the border, no padded copy.
-            sch.compute_inline(conv.pad_block)
-        wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, conv.epilogues)
+        wb = accumulate_locally(sch, conv)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)
         rows = sch.fuse(n, y)
         xo, xi = sch.split(x, [None, config.pixels])

@@ -12,7 +12,7 @@ unrolled, accumulators in registers.
 
 from __future__ import annotations
 
-from ..analysis import fuse_epilogue, match_separable
+from ..analysis import accumulate_locally, index_by_pixel_row, match_separable
 from ..rule import ConfigRule
 from .conv_gemm import ConvGEMM, GEMMConfig
 from .target_info import cpu_info
@@ -47,23 +47,15 @@ class SeparableConv(ConfigRule):
         from tvm.s_tir import ScheduleError
 
         dw, pw = sep.depthwise, sep.pointwise
-        n, h, w, _ = dw.out_shape
-        hw = h * w
-        if dw.pad_block is not None:
-            sch.compute_inline(dw.pad_block)
+        _, h, w, _ = dw.out_shape
         # Depthwise accumulators in registers; what lies between the convs (batch norm,
         # activation, the pointwise conv's input copy) is fused into their write-back,
         # which then writes the pointwise conv's input directly.
-        wb = sch.cache_write(dw.block, 0, "local")
-        fuse_epilogue(sch, dw.epilogues)
+        wb = accumulate_locally(sch, dw)
         # Both depthwise blocks and that input by pixel row, as the GEMM's rows are (so
         # that computing them per chunk keeps their bindings affine).
-        for block in (dw.block, wb):
-            sch.transform_layout(block, ("write", 0),
-                                 lambda b, y, x, c: (b * hw + y * w + x, c))
-        sch.transform_block_layout(
-            dw.block, lambda b, y, x, c, ry, rx, rc: (b * hw + y * w + x, c, ry, rx, rc))
-        sch.transform_block_layout(wb, lambda b, y, x, c: (b * hw + y * w + x, c))
+        index_by_pixel_row(sch, dw, wb)
+        sch.transform_layout(wb, ("write", 0), lambda b, y, x, c: (b * h * w + y * w + x, c))
         ConvGEMM._schedule(sch, pw, config, lanes)
         # Each chunk computes its own depthwise rows, right before packing them; each row
         # (pixel) all its channels, a vector at a time, then writes them back.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis import fuse_epilogue, match_conv
+from ..analysis import accumulate_locally, index_by_pixel_row, match_conv
 from .gpu_info import TARGET_BLOCKS, gpu_info
 from .rule import GPURule
 
@@ -81,20 +81,12 @@ class ConvGEMM(GPURule):
         return tile_configs(n * h * w, f, info.max_threads, info.shared_bytes)
 
     def schedule(self, sch, conv, config: TileConfig, target) -> None:
-        n, h, w, f = conv.out_shape
-        hw = h * w
-        kh, kw = conv.kernel
+        f = conv.out_shape[3]
         c = conv.in_channels
         block = conv.block
-        if conv.pad_block is not None:
-            sch.compute_inline(conv.pad_block)  # zero padding becomes a guarded load
-        wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, conv.epilogues)
+        wb = accumulate_locally(sch, conv)
         # GEMM form: [pixel, channel] += A[pixel, window x channel] * B[window x channel, channel].
-        sch.transform_layout(block, ("write", 0), lambda b, y, x, o: (b * hw + y * w + x, o))
-        sch.transform_block_layout(
-            block, lambda b, y, x, o, ry, rx, rc: (b * hw + y * w + x, o, (ry * kw + rx) * c + rc))
-        sch.transform_block_layout(wb, lambda b, y, x, o: (b * hw + y * w + x, o))
+        index_by_pixel_row(sch, conv, wb, fuse_reduction=True)
         sch.reindex(block, ("read", 0))  # A[m, k]: im2col rows (a gather, inlined below)
         b_reindex = sch.reindex(block, ("read", 1))
         sch.transform_layout(b_reindex, ("write", 0), lambda o, k: (k, o))  # B[k, n]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis import fuse_epilogue, match_conv
+from ..analysis import accumulate_locally, match_conv
 from .gpu_info import gpu_info
 from .rule import GPURule
 
@@ -43,10 +43,7 @@ class Depthwise(GPURule):
 
     def schedule(self, sch, conv, config: DepthwiseConfig, target) -> None:
         block = conv.block
-        if conv.pad_block is not None:
-            sch.compute_inline(conv.pad_block)  # zero padding becomes a guarded load
-        wb = sch.cache_write(block, 0, "local")
-        fuse_epilogue(sch, conv.epilogues)
+        wb = accumulate_locally(sch, conv)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)
         co, cv = sch.split(c, [None, config.vector])
         bx, tx = sch.split(sch.fuse(n, y, x, co), [None, config.threads])
