@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def free_vars(expr) -> set:
@@ -37,28 +37,47 @@ def param_buffers(func) -> list:
     return list(func.params)
 
 
+# The kinds of convolution the rules, the separable fusion and the tuner tell apart.
+DEPTHWISE = "depthwise"  # each output channel reads one input channel (groups = C_in)
+GROUPED = "grouped"  # groups of several input channels (1 < groups < C_in)
+POINTWISE = "pointwise"  # groups = 1, a 1x1 window (any stride)
+DENSE = "dense"  # groups = 1, a larger window (KxK, 1xK, Kx1)
+SEPARABLE = "separable"  # a depthwise conv and the pointwise conv after it, fused
+OTHER = "other"  # not a convolution
+
+
 @dataclass
 class Conv2DNHWC:
-    """A 2-D convolution block over NHWC data and HWIO weights.
-
-    ``depthwise`` when each output channel reads its own input channel(s) (the input's
-    channel index uses the output-channel iter); otherwise a dense (groups=1) conv.
-    """
+    """A 2-D convolution block over NHWC data and HWIO weights; ``kind`` is one of
+    ``DEPTHWISE``, ``GROUPED``, ``POINTWISE``, ``DENSE``."""
 
     block: object  # SBlockRV
     pad_block: object | None  # the padding producer, when there is one
-    epilogues: list  # the elementwise blocks after the convolution, in order
+    epilogues: list  # the elementwise blocks after the convolution over its shape, in order
     out_shape: tuple[int, ...]
     kernel: tuple[int, int]  # (KH, KW)
-    in_channels: int  # reduction extent over channels (1 for depthwise)
-    depthwise: bool
+    in_channels: int  # reduction extent over channels: C_in / groups (1 for depthwise)
+    kind: str
+    # Elementwise blocks after the epilogues over another shape (a squeeze-excite gate
+    # multiplying a feature map): scheduled on their own, after the convolution.
+    tail: list = field(default_factory=list)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == DEPTHWISE
+
+    @property
+    def dense(self) -> bool:
+        """groups = 1: a pointwise or a dense conv (what a GEMM computes)."""
+        return self.kind in (POINTWISE, DENSE)
 
 
 def conv_block(sch, rv) -> Conv2DNHWC | None:
     """``rv`` as a convolution, or None: iters S(n) S(y) S(x) S(f) R(ry) R(rx) R(rc)
-    writing ``out[n, y, x, f]``, reading an input whose last index uses rc (dense) or f
-    (depthwise), and a 4-D weight indexed ``[ry, rx, rc, f]`` (HWIO). Its padding
-    producer and epilogues are left for the caller to find (None, [])."""
+    writing ``out[n, y, x, f]``, reading an input whose last index uses rc alone
+    (groups = 1) or f (grouped; depthwise when rc has extent 1), and a 4-D weight
+    indexed ``[ry, rx, rc, f]`` (HWIO). Its padding producer and epilogues are left for
+    the caller to find (None, [])."""
     block = sch.get(rv)
     kinds = iter_kinds(block)
     if kinds != "SSSSRRR" or len(block.writes) != 1 or len(block.reads) != 2:
@@ -74,16 +93,16 @@ def conv_block(sch, rv) -> Conv2DNHWC | None:
         return None
     if len(data.region) != 4:
         return None
+    ext = [int(iv.dom.extent) for iv in block.iter_vars]
     channel_vars = free_vars(data.region[3].min)
     if f in channel_vars:
-        depthwise = True
+        kind = DEPTHWISE if ext[6] == 1 else GROUPED
     elif channel_vars == {rc}:
-        depthwise = False
+        kind = POINTWISE if ext[4] == ext[5] == 1 else DENSE
     else:
         return None
-    ext = [int(iv.dom.extent) for iv in block.iter_vars]
     return Conv2DNHWC(rv, None, [], tuple(int(s) for s in out.source.shape),
-                      (ext[4], ext[5]), ext[6], depthwise)
+                      (ext[4], ext[5]), ext[6], kind)
 
 
 def _split_blocks(sch):
@@ -125,10 +144,14 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     conv.pad_block = _pad_producer(sch, conv.block)
     is_pad = (lambda b: conv.pad_block is not None
               and sch.get(b).same_as(sch.get(conv.pad_block)))
-    conv.epilogues = [b for b in split[1] if not is_pad(b)]
-    # Only elementwise epilogues over the conv's own output (a squeeze-excite gate that
-    # broadcasts over a larger map is another pattern).
-    return conv if _same_shape(sch, conv.epilogues, conv.out_shape) else None
+    after = [b for b in split[1] if not is_pad(b)]
+    # Elementwise epilogues over the conv's own output, then possibly a tail over
+    # another shape: a squeeze-excite gate broadcast over its feature map.
+    same = 0
+    while same < len(after) and _same_shape(sch, after[same:same + 1], conv.out_shape):
+        same += 1
+    conv.epilogues, conv.tail = after[:same], after[same:]
+    return conv
 
 
 def pixel_for_pixel(sch, conv: Conv2DNHWC) -> bool:
@@ -164,7 +187,7 @@ def match_separable(sch) -> Separable | None:
     if split is None or len(split[0]) != 2:
         return None
     dw, pw = (conv_block(sch, rv) for rv in split[0])
-    if dw is None or pw is None or not dw.depthwise or pw.depthwise:
+    if dw is None or pw is None or not dw.depthwise or pw.kind != POINTWISE:
         return None
     if not pixel_for_pixel(sch, pw):  # 1x1, stride 1
         return None
@@ -198,27 +221,56 @@ def match_separable(sch) -> Separable | None:
     return Separable(dw, pw)
 
 
-def match_conv(sch, target, kind: str, depthwise: bool) -> Conv2DNHWC | None:
-    """The convolution of ``sch`` when ``target`` is of TVM target kind ``kind`` ("llvm"
-    for CPUs, "cuda") and the function is a convolution of the wanted kind (depthwise or
-    dense); otherwise None."""
-    if target.kind.name != kind:
+def match_conv(sch, target, target_kind: str, kinds: tuple[str, ...],
+               tail: bool = False) -> Conv2DNHWC | None:
+    """The convolution of ``sch`` when ``target`` is of TVM target kind ``target_kind``
+    ("llvm" for CPUs, "cuda") and the function is a convolution of one of ``kinds``
+    (``DEPTHWISE``, ``POINTWISE``...), with a ``tail`` only if the caller schedules
+    one; otherwise None."""
+    if target.kind.name != target_kind:
         return None
     conv = match_conv2d_nhwc(sch)
-    if conv is None or conv.depthwise != depthwise:
+    if conv is None or conv.kind not in kinds or (conv.tail and not tail):
         return None
     return conv
 
 
-def accumulate_locally(sch, conv: Conv2DNHWC):
-    """Read ``conv``'s zero padding in place (a guarded load, no padded copy), keep its
-    accumulators in a local buffer and fuse its epilogue into their write-back; returns
-    the write-back block."""
-    if conv.pad_block is not None:
+def classify(func) -> str:
+    """What ``func`` (a lowered kernel) computes: ``SEPARABLE`` (a fused depthwise ->
+    pointwise pair), the kind of its one convolution (``DEPTHWISE``, ``GROUPED``,
+    ``POINTWISE``, ``DENSE``), or ``OTHER``. The one classifier the rules, the
+    separable fusion and the tuner share."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if match_separable(sch) is not None:
+        return SEPARABLE
+    conv = match_conv2d_nhwc(s_tir.Schedule(func))
+    return conv.kind if conv is not None else OTHER
+
+
+def accumulate_locally(sch, conv: Conv2DNHWC, pad_in_place: bool = True):
+    """Keep ``conv``'s accumulators in a local buffer and fuse its epilogue into their
+    write-back; returns the write-back block.
+
+    ``pad_in_place``: the zero padding is read in place, a guarded load in the
+    reduction (no padded copy). Rules that copy the input into a packed buffer pass
+    False and inline the padding into that copy (``inline_padding``) instead: the copy
+    then reads under the padding predicate and stores the zeros, and the reduction
+    reads only the packed buffer. Inlining the padding into the reduction and packing
+    afterwards would pack unguarded reads outside the input."""
+    if conv.pad_block is not None and pad_in_place:
         sch.compute_inline(conv.pad_block)
     wb = sch.cache_write(conv.block, 0, "local")
     fuse_epilogue(sch, conv.epilogues)
     return wb
+
+
+def inline_padding(sch, conv: Conv2DNHWC) -> None:
+    """Inline ``conv``'s padding producer (kept by ``accumulate_locally(...,
+    pad_in_place=False)``) into its consumer, the rule's packing copy."""
+    if conv.pad_block is not None:
+        sch.compute_inline(conv.pad_block)
 
 
 def index_by_pixel_row(sch, conv: Conv2DNHWC, writeback, fuse_reduction: bool = False):

@@ -13,6 +13,22 @@ from torch import nn
 import targets
 
 HOST = targets.resolve("host")
+CPU_PRESETS = [name for name, p in targets.PRESETS.items() if p.device == "cpu"]
+
+
+def executable_cpu_presets():
+    """The CPU presets as pytest parameters: those this machine runs natively are run,
+    the others are skipped, saying which instructions the machine lacks."""
+    params = []
+    for name in CPU_PRESETS:
+        preset = targets.PRESETS[name]
+        why = None
+        if not targets.runs_here(preset):
+            why = (f"this {targets.detect_arch()} machine cannot execute {name} code "
+                   f"(needs {preset.arch} with {', '.join(sorted(preset.cpu_flags)) or 'its ISA'})")
+        params.append(pytest.param(name, id=name,
+                                   marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
 
 
 def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
@@ -49,12 +65,12 @@ def run_kernel(func, arrays, target=None):
     return tensors[-1].numpy()
 
 
-def assert_computes_the_same(func, scheduled):
-    """``scheduled`` (a PrimFunc built for this CPU) gives what the unscheduled ``func``
-    gives on the same random arguments (rtol 1e-5)."""
+def assert_computes_the_same(func, scheduled, target=None):
+    """``scheduled`` (a PrimFunc built for ``target``, default this CPU's preset) gives
+    what the unscheduled ``func`` gives on the same random arguments (rtol 1e-5)."""
     args = random_args(func)
-    want = run_kernel(func, [a.copy() for a in args])
-    got = run_kernel(scheduled, [a.copy() for a in args])
+    want = run_kernel(func, [a.copy() for a in args], target)
+    got = run_kernel(scheduled, [a.copy() for a in args], target)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

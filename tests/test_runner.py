@@ -51,21 +51,68 @@ def test_x86_runner_matches_onnxruntime(x86_build, mobile_onnx, mobile_input, tm
     assert max_rel_err(y, ort_run(mobile_onnx, np.load(mobile_input))) < 1e-4
 
 
-def test_runner_errors(x86_build, tmp_path):
+def _copy_with(build, dst, name, data, update_checksum=False):
+    """A copy of ``build`` whose file ``name`` holds ``data`` (its manifest checksum
+    updated to match, when asked: as a miscompiled build would be)."""
+    import hashlib
+    import json
+
+    shutil.copytree(build, dst)
+    (dst / name).write_bytes(data)
+    if update_checksum:
+        m = json.loads((dst / "manifest.json").read_text())
+        m["sha256"][name] = hashlib.sha256(data).hexdigest()
+        (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_runner_errors(x86_build, mobile_input, tmp_path):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((1, 3, 64, 64), np.float32))
-    _one_line_error(runner.run(x86_build, str(bad)), "64")  # wrong shape, named
+    _one_line_error(runner.run(x86_build, str(bad)),
+                    "has shape (1, 3, 64, 64); the model's input is (2, 3, 64, 64)")
+    np.save(bad, np.zeros((2, 3, 64, 64), np.float64))
+    _one_line_error(runner.run(x86_build, str(bad)), "holds <f8 data; the model's input is float32")
 
-    truncated = tmp_path / "truncated"
-    shutil.copytree(x86_build, truncated)
-    data = (truncated / "module.so").read_bytes()
-    (truncated / "module.so").write_bytes(data[: len(data) // 2])
-    _one_line_error(runner.run(truncated, str(bad)), "truncated or damaged")
+    data = (x86_build / "module.so").read_bytes()
+    damaged = _copy_with(x86_build, tmp_path / "damaged", "module.so", data[: len(data) // 2])
+    _one_line_error(runner.run(damaged, str(mobile_input)), "SHA-256 differs")
+    truncated = _copy_with(x86_build, tmp_path / "truncated", "module.so", data[: len(data) // 2],
+                           update_checksum=True)
+    _one_line_error(runner.run(truncated, str(mobile_input)), "truncated or damaged")
 
     no_params = tmp_path / "no-params"
     shutil.copytree(x86_build, no_params)
     (no_params / "params.bin").unlink()
-    _one_line_error(runner.run(no_params, str(bad)), "params.bin is missing")
+    _one_line_error(runner.run(no_params, str(mobile_input)), "params.bin is missing")
+
+
+def test_runner_takes_the_weights_in_the_manifests_order(x86_build, mobile_onnx,
+                                                         mobile_input, tmp_path):
+    """Weights are passed in the order the manifest lists them, whatever their names
+    sort to (named w10000 before w1001 they once came in the wrong order)."""
+    import json
+
+    import tvm
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(x86_build, renamed)
+    m = json.loads((renamed / "manifest.json").read_text())
+    params = tvm.runtime.load_param_dict((renamed / "params.bin").read_bytes())
+    # Names whose sorted order is the reverse of main's order.
+    names = [f"w{len(m['params']['names']) - i:05d}" for i in range(len(m["params"]["names"]))]
+    blob = tvm.runtime.save_param_dict(
+        {new: params[old] for old, new in zip(m["params"]["names"], names)})
+    _copy_with(x86_build, tmp_path / "scratch", "params.bin", blob)
+    (renamed / "params.bin").write_bytes(blob)
+    m["params"]["names"] = names
+    import hashlib
+
+    m["sha256"]["params.bin"] = hashlib.sha256(blob).hexdigest()
+    (renamed / "manifest.json").write_text(json.dumps(m))
+    proc = runner.run(renamed, str(mobile_input), str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert max_rel_err(np.load(tmp_path / "y.npy"), ort_run(mobile_onnx, np.load(mobile_input))) < 1e-4
 
 
 @pytest.fixture(scope="module")

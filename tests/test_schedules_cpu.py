@@ -1,5 +1,7 @@
 """CPU schedule rules against the unscheduled TIR of the same kernel, over Xception's
-shapes and odd ones; structure of what they produce; rules decline what they do not fit."""
+shapes and odd ones, for every CPU preset this machine executes (the others are
+skipped, saying why); structure of what they produce; rules decline what they do not
+fit."""
 
 from __future__ import annotations
 
@@ -8,47 +10,57 @@ import pytest
 import torch
 from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
                      assert_computes_the_same, conv_kernel, depthwise_kernel,
-                     lowered_kernels, random_args, run_kernel, separable_kernel)
+                     executable_cpu_presets, lowered_kernels, random_args, run_kernel,
+                     separable_kernel)
 from torch import nn
 
 import targets
 from schedules.cpu import ConvGEMM, Depthwise, Generic, SeparableConv
 
 
-def check_rule(rule, func, expect_parallel=True):
-    """Apply ``rule``; its kernel must compute what the unscheduled one does."""
-    sch = rule.apply(func, HOST.tvm_target())
+@pytest.fixture(params=executable_cpu_presets())
+def preset(request):
+    """A CPU preset whose code this machine runs."""
+    return targets.resolve(request.param)
+
+
+def check_rule(rule, func, preset, expect_parallel=True, vectorized=True):
+    """Apply ``rule`` for ``preset``; its kernel, built for that preset, must compute
+    what the unscheduled one does."""
+    target = preset.tvm_target()
+    sch = rule.apply(func, target)
     assert sch is not None, f"{rule.name} declined"
     script = sch.mod["main"].script()
-    assert "T.vectorized" in script
+    if vectorized:
+        assert "T.vectorized" in script
     if expect_parallel:
         assert "T.parallel" in script
-    assert_computes_the_same(func, sch.mod["main"])
+    assert_computes_the_same(func, sch.mod["main"], target)
     return sch
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_gemm_matches_unscheduled(case):
+def test_conv_gemm_matches_unscheduled(case, preset):
     func = conv_kernel(**case)
-    sch = check_rule(ConvGEMM(), func)
+    sch = check_rule(ConvGEMM(), func, preset)
     assert "layout_rewrite_preproc" in sch.mod["main"].script()  # weights packed
 
 
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
-def test_depthwise_matches_unscheduled(case):
+def test_depthwise_matches_unscheduled(case, preset):
     func = depthwise_kernel(**case)
-    assert ConvGEMM().apply(func, HOST.tvm_target()) is None
-    check_rule(Depthwise(), func)
+    assert ConvGEMM().apply(func, preset.tvm_target()) is None
+    check_rule(Depthwise(), func, preset)
 
 
 @pytest.mark.parametrize("case", SEPARABLE_CASES)
-def test_separable_matches_unscheduled(case):
+def test_separable_matches_unscheduled(case, preset):
     """One kernel computes both convs: the depthwise rows of each pixel chunk, then its
     GEMM tiles, with no full-size depthwise output."""
     func = separable_kernel(**case)
     for single in (ConvGEMM(), Depthwise()):
-        assert single.apply(func, HOST.tvm_target()) is None
-    sch = check_rule(SeparableConv(), func)
+        assert single.apply(func, preset.tvm_target()) is None
+    sch = check_rule(SeparableConv(), func, preset)
     script = sch.mod["main"].script()
     chunk = script.index("T.parallel")
     # The depthwise block sits inside the parallel chunk loop, before the GEMM.
@@ -56,12 +68,18 @@ def test_separable_matches_unscheduled(case):
     assert script.index('T.sblock("group_conv2d_nhwc') < script.index('T.sblock("conv2d_nhwc')
 
 
-def test_odd_depthwise_falls_back_to_generic():
-    """12 channels do not fill whole AVX2 vectors: the depthwise rule declines and the
-    generic rule still computes the same thing."""
-    func = conv_kernel(12, 12, size=15, k=3, pad=1, groups=12)
-    assert Depthwise().apply(func, HOST.tvm_target()) is None
-    check_rule(Generic(), func)
+@pytest.mark.parametrize("channels,lanes", [(12, 4), (728, 8), (40, 8), (13, 1)])
+def test_depthwise_takes_any_channel_count(channels, lanes, preset):
+    """Channels that do not fill whole vectors of the target get the widest whole
+    vectors that divide them (an odd count: scalar code), never the generic rule."""
+    from schedules.cpu.target_info import channel_vector, cpu_info
+
+    func = conv_kernel(channels, channels, size=9, k=3, pad=1, groups=channels)
+    width = channel_vector(channels, cpu_info(preset.tvm_target()).lanes)
+    assert width == min(lanes, cpu_info(preset.tvm_target()).lanes)
+    sch = check_rule(Depthwise(), func, preset, vectorized=width > 1)
+    if width > 1:
+        assert f"T.vectorized(T.int64({width}))" in sch.mod["main"].script()
 
 
 class _Head(nn.Module):
@@ -80,20 +98,21 @@ class _Head(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def test_generic_rule_on_everything_else():
+def test_generic_rule_on_everything_else(preset):
+    target = preset.tvm_target()
     kernels = lowered_kernels(_Head(), (1, 64, 38, 38))
     others = {n: f for n, f in kernels.items() if "conv2d" not in n}
     assert any("max_pool" in n for n in others) and any("matmul" in n for n in others)
     for name, func in others.items():
-        assert ConvGEMM().apply(func, HOST.tvm_target()) is None, name
-        assert Depthwise().apply(func, HOST.tvm_target()) is None, name
-        sch = Generic().apply(func, HOST.tvm_target())
+        assert ConvGEMM().apply(func, target) is None, name
+        assert Depthwise().apply(func, target) is None, name
+        sch = Generic().apply(func, target)
         args = random_args(func)
-        want = run_kernel(func, [a.copy() for a in args])
-        got = run_kernel(sch.mod["main"], [a.copy() for a in args])
+        want = run_kernel(func, [a.copy() for a in args], target)
+        got = run_kernel(sch.mod["main"], [a.copy() for a in args], target)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
     pool = next(f for n, f in others.items() if "max_pool" in n)
-    script = Generic().apply(pool, HOST.tvm_target()).mod["main"].script()
+    script = Generic().apply(pool, target).mod["main"].script()
     assert "T.parallel" in script and "T.vectorized" in script
 
 

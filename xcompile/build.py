@@ -206,12 +206,15 @@ def compile_model(opts: BuildOptions) -> Compiled:
         from xcompile.cuda_codegen import fatbin_codegen
 
         gpu_code = fatbin_codegen(opts.cuda_archs, cache_dir())
+    codegen = None
     try:
-        with gpu_code, tvm.transform.PassContext(config=config):
+        with gpu_code as codegen, tvm.transform.PassContext(config=config):
             executable = tvm.compile(opt.mod, target=preset.tvm_target())
     except XCompileError:
         raise
     except Exception as e:
+        if getattr(codegen, "error", None) is not None:  # ours, from inside TVM
+            raise codegen.error from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
     log.info("transforming weights (layouts, packed panels)")

@@ -104,13 +104,20 @@ def cmd_tune(args) -> int:
 
 
 def _top5(output) -> list[str]:
+    """Top-5 classes per sample: the output as it is when it already is a probability
+    distribution (a model ending in Softmax), else the softmax of its logits."""
     import numpy as np
 
     logits = np.asarray(output, dtype=np.float64).reshape(output.shape[0], -1)
+    distribution = bool(np.all((logits >= 0) & (logits <= 1))
+                        and np.allclose(logits.sum(axis=1), 1.0, atol=1e-3))
     lines = []
     for i, row in enumerate(logits[:4]):
-        p = np.exp(row - row.max())
-        p /= p.sum()
+        if distribution:
+            p = row
+        else:
+            p = np.exp(row - row.max())
+            p /= p.sum()
         top = np.argsort(-p)[:5]
         lines.append(f"sample {i}: " + ", ".join(f"class {c} ({p[c]:.4f})" for c in top))
     if logits.shape[0] > 4:
@@ -156,7 +163,8 @@ def _run_foreign(args, manifest) -> int:
     from xcompile.manifest import TensorInfo
 
     x = reference.make_input(TensorInfo.from_json(manifest["inputs"][0]), args.input)
-    y, latency = runner.predict(args.build, x, repeat=args.repeat)
+    outputs, latency = runner.predict(args.build, x, repeat=args.repeat)
+    y = outputs[0]
     for line in _top5(y):
         print(line)
     print(f"{latency} ({manifest['target']['arch']}, emulated)")

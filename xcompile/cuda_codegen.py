@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from xcompile.errors import XCompileError
+from xcompile.errors import InternalError, XCompileError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,10 @@ def load_cuda_runtime_for_build(cache: Path) -> None:
     runtime._load_cuda_runtime()
 
 
-def nvcc_fatbin(code: str, archs: tuple[str, ...], nvcc: str) -> bytes:
-    """CUDA source -> one fatbin holding SASS for each of ``archs``."""
+def nvcc_fatbin(code: str, archs: tuple[str, ...], nvcc: str, keep: Path) -> bytes:
+    """CUDA source -> one fatbin holding SASS for each of ``archs``. When nvcc rejects
+    the source (our bug: the source is generated), the source is kept under ``keep``
+    and the error names the kernel nvcc stopped in."""
     with tempfile.TemporaryDirectory(prefix="xcompile-nvcc-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         src.write_text(code)
@@ -103,15 +105,45 @@ def nvcc_fatbin(code: str, archs: tuple[str, ...], nvcc: str) -> bytes:
             cmd += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            first = next((ln for ln in proc.stderr.splitlines() if "error" in ln),
-                         proc.stderr.strip()[:200])
-            raise XCompileError(f"nvcc failed on the generated CUDA code: {first}")
+            raise _nvcc_failure(code, proc.stderr, keep)
         return out.read_bytes()
+
+
+def _nvcc_failure(code: str, stderr: str, keep: Path) -> InternalError:
+    """The error for nvcc rejecting generated ``code``: the kernel and line it stopped
+    at, nvcc's message, and where the source is kept."""
+    import hashlib
+    import re
+
+    keep.mkdir(parents=True, exist_ok=True)
+    kept = keep / f"kernels-{hashlib.sha256(code.encode()).hexdigest()[:12]}.cu"
+    kept.write_text(code)
+    found = re.search(r"kernels\.cu\((\d+)\): (?:error|catastrophic error): (.*)", stderr)
+    if found is None:
+        first = stderr.strip().splitlines()[0] if stderr.strip() else "no message"
+        return InternalError(f"nvcc rejected the generated CUDA code ({first}); "
+                             f"source kept in {kept}")
+    line = int(found.group(1))
+    kernel = "?"
+    for text in code.splitlines()[:line]:
+        m = re.search(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\(", text)
+        if m:
+            kernel = m.group(1)
+    return InternalError(f"nvcc rejected the generated CUDA code of kernel {kernel} "
+                         f"(line {line}: {found.group(2).strip()}); source kept in {kept}")
+
+
+class _Codegen:
+    """What ``fatbin_codegen`` yields: ``error`` is the failure of a compile callback
+    (TVM reports it as its own error type, losing ours)."""
+
+    error: Exception | None = None
 
 
 @contextlib.contextmanager
 def fatbin_codegen(archs: tuple[str, ...], cache: Path):
-    """While active, CUDA codegen compiles kernels with nvcc into fatbins for ``archs``."""
+    """While active, CUDA codegen compiles kernels with nvcc into fatbins for ``archs``.
+    Yields an object whose ``error`` holds a compile failure, to re-raise as is."""
     import tvm_ffi
 
     nvcc = shutil.which("nvcc")
@@ -121,13 +153,18 @@ def fatbin_codegen(archs: tuple[str, ...], cache: Path):
     load_cuda_runtime_for_build(cache)
     name = "tvm_callback_cuda_compile"
     previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    state = _Codegen()
 
     def compile_cuda(code, *_target):
-        return nvcc_fatbin(str(code), archs, nvcc)
+        try:
+            return nvcc_fatbin(str(code), archs, nvcc, cache / "nvcc-rejected")
+        except Exception as e:
+            state.error = e
+            raise
 
     tvm_ffi.register_global_func(name, compile_cuda, override=True)
     try:
-        yield
+        yield state
     finally:
         if previous is not None:
             tvm_ffi.register_global_func(name, previous, override=True)

@@ -14,3 +14,10 @@ class VerificationError(XCompileError):
     """Compiled output differs from the reference beyond tolerance."""
 
     exit_code = 1
+
+
+class InternalError(XCompileError):
+    """Our own failure, not the user's: e.g. generated code a compiler rejects. One line
+    too, but exit status 3."""
+
+    exit_code = 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def _graph_input(model, batch: int | None) -> TensorInfo:
         if d.HasField("dim_value"):
             dims.append(d.dim_value)
         elif axis == 0:
+            if batch is None:
+                log.warning("input %r has a dynamic batch (%s); building for batch 1 "
+                            "(give --batch N for another)", inp.name, d.dim_param or "?")
             dims.append(batch or 1)
         else:
             raise XCompileError(f"input {inp.name!r} has a dynamic dimension {axis} "
@@ -98,25 +102,72 @@ def _output_infos(model, ret_ty) -> list[TensorInfo]:
     return infos
 
 
+def c_identifier(name: str, taken: set[str]) -> str:
+    """``name`` as a C identifier not in ``taken`` (which it joins): every character
+    outside [A-Za-z0-9_] becomes '_', a leading digit gets a '_' before it."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", name) or "_"
+    if ident[0].isdigit():
+        ident = "_" + ident
+    unique, n = ident, 1
+    while unique in taken:
+        unique, n = f"{ident}_{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def _with_c_identifiers(model):
+    """A copy of ``model`` whose graph inputs and initializers are named by C
+    identifiers, and ``{new name: ONNX name}``. Those names become the Relax
+    parameters' and then the kernels' argument names, which reach generated source:
+    CUDA's codegen keeps a '/' in them (tf2onnx: ``model/dense/MatMul/ReadVariableOp:0``)
+    and nvcc rejects it."""
+    onnx = _onnx()
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    taken: set[str] = set()
+    renamed = {}
+    for name in [i.name for i in graph.input] + [t.name for t in graph.initializer]:
+        if name not in renamed:
+            renamed[name] = c_identifier(name, taken)
+    for value in list(graph.input) + list(graph.initializer):
+        value.name = renamed[value.name]
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+
+    def rename_uses(g):
+        for node in g.node:
+            node.input[:] = [renamed.get(n, n) for n in node.input]
+            for attr in node.attribute:  # subgraphs (If, Loop) read outer names too
+                for sub in [attr.g, *attr.graphs]:
+                    rename_uses(sub)
+
+    rename_uses(graph)
+    return model, {new: old for old, new in renamed.items()}
+
+
 def import_onnx(model, batch: int | None = None, source: str = "model") -> ImportedModel:
     """Import an ONNX ModelProto into Relax with static shapes and detached weights.
 
     ``batch`` overrides the input's first dimension (needed when it is dynamic; defaults
-    to 1 then). Unsupported operators and shape errors become an :class:`XCompileError`.
+    to 1 then, with a warning). Inputs and weights are renamed to C identifiers in
+    Relax (see ``_with_c_identifiers``); ``input`` and ``param_names`` keep the ONNX
+    names. Unsupported operators and shape errors become an :class:`XCompileError`.
     """
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     inp = _graph_input(model, batch)
+    renamed, onnx_names = _with_c_identifiers(model)
+    inner = {v: k for k, v in onnx_names.items()}[inp.name]
     try:
-        mod = from_onnx(model, shape_dict={inp.name: list(inp.shape)},
-                        dtype_dict={inp.name: inp.dtype}, keep_params_in_input=True)
+        mod = from_onnx(renamed, shape_dict={inner: list(inp.shape)},
+                        dtype_dict={inner: inp.dtype}, keep_params_in_input=True)
         mod, params = relax.frontend.detach_params(mod)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise XCompileError(f"cannot import {source}: {first}") from e
     main = mod["main"]
-    param_names = [p.name for p in main.params[1:]]
+    param_names = [onnx_names.get(p.name, p.name) for p in main.params[1:]]
     weights = list(params.get("main", []))
     if len(weights) != len(param_names):
         raise XCompileError(f"cannot import {source}: {len(param_names)} weight arguments "

@@ -30,23 +30,24 @@ def _call_tir_parts(value):
 
 
 def _kind(func) -> str | None:
-    """"depthwise", or "pointwise" (1x1 stride 1, dense), for a single-conv kernel."""
+    """``DEPTHWISE``, or ``POINTWISE`` for a pointwise kernel a depthwise kernel can fuse
+    into (stride 1, its input read once), else None (``schedules.analysis`` classifies)."""
     from tvm import s_tir
 
-    from schedules.analysis import match_conv2d_nhwc, pixel_for_pixel
+    from schedules.analysis import DEPTHWISE, POINTWISE, match_conv2d_nhwc, pixel_for_pixel
 
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
-    if conv is None:
+    if conv is None or conv.kind not in (DEPTHWISE, POINTWISE) or conv.tail:
         return None
-    if conv.depthwise:
-        return "depthwise"
+    if conv.kind == DEPTHWISE:
+        return DEPTHWISE
     # The input read once, by the conv (or its padding copy): a residual read of the
     # same tensor would need the depthwise output outside the fused pixel chunks.
     data = func.params[0]
     readers = [rv for rv in sch.get_child_blocks(sch.get_sblock("root"))
                if any(r.source.same_as(data) for r in sch.get(rv).reads)]
-    return "pointwise" if pixel_for_pixel(sch, conv) and len(readers) == 1 else None
+    return POINTWISE if pixel_for_pixel(sch, conv) and len(readers) == 1 else None
 
 
 def _use_counts(func) -> dict:
@@ -84,6 +85,8 @@ def find_pairs(mod) -> list[tuple]:
     """(depthwise binding, pointwise binding) pairs of ``mod``'s main that can fuse."""
     from tvm import relax
 
+    from schedules.analysis import DEPTHWISE, POINTWISE
+
     main = mod["main"]
     uses = _use_counts(main)
     kinds: dict = {}
@@ -103,9 +106,9 @@ def find_pairs(mod) -> list[tuple]:
             if parts is None:
                 continue
             gv, args = parts
-            if kind(gv) == "depthwise":
+            if kind(gv) == DEPTHWISE:
                 producers[binding.var] = binding
-            elif kind(gv) == "pointwise":
+            elif kind(gv) == POINTWISE:
                 # The depthwise result has no other use than this argument.
                 sources = [a for a in args if a in producers and uses.get(a) == 1]
                 if len(sources) == 1 and args[0].same_as(sources[0]):

@@ -60,7 +60,7 @@ def verify(folder, model: str | None = None, input_path: str | None = None,
     output, within ``rtol`` (default: ``default_rtol`` of the build).
 
     A build for another architecture (aarch64 here) runs through the C++ runner under
-    emulation; it reports its first output only.
+    emulation.
     """
     from targets import detect_arch
 
@@ -77,7 +77,7 @@ def verify(folder, model: str | None = None, input_path: str | None = None,
     else:
         from xcompile import runner
 
-        ours = [runner.predict(folder, x)[0]]
+        ours = runner.predict(folder, x)[0]
     results = [compare(info.name, o, r, rtol) for info, o, r in zip(outputs, ours, refs)]
     for c in results:
         log.debug("%s: max abs %.3g, max rel %.3g", c.name, c.max_abs, c.max_rel)

@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from ..analysis import accumulate_locally, index_by_pixel_row, match_conv
+from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
+                        inline_padding, match_conv)
+from .generic import schedule_tail
 from .target_info import cpu_info
 
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
@@ -99,7 +101,7 @@ class ConvGEMM(ConfigRule):
     config_type = GEMMConfig
 
     def match(self, sch, target):
-        return match_conv(sch, target, "llvm", depthwise=False)
+        return match_conv(sch, target, "llvm", (POINTWISE, DENSE), tail=True)
 
     def configs(self, conv, target) -> list[GEMMConfig]:
         info = cpu_info(target)
@@ -122,8 +124,8 @@ class ConvGEMM(ConfigRule):
         nr = nu * lanes
         block = conv.block
         # Accumulators, with the elementwise epilogue fused into their write-back;
-        # pixels as one GEMM row index.
-        wb = accumulate_locally(sch, conv)
+        # pixels as one GEMM row index. The zero padding goes into the packing below.
+        wb = accumulate_locally(sch, conv, pad_in_place=False)
         index_by_pixel_row(sch, conv, wb)
         # Input rows: reindexed to [row, ry, rx, rc], padded to whole chunks, packed.
         gathered = sch.reindex(block, ("read", 0))
@@ -135,6 +137,9 @@ class ConvGEMM(ConfigRule):
         panel = producers[0]
         if not sch.get(panel).same_as(sch.get(gathered)):  # rows were padded
             sch.compute_inline(gathered)
+        # The panel reads the input under the padding predicate and packs the zeros:
+        # no read outside the input, and no predicate in the micro-kernel.
+        inline_padding(sch, conv)
         # Weights packed into contiguous NR-wide panels; the pipeline runs this block once,
         # at build time (it is lifted into the weight transform).
         packed = sch.cache_read(block, 1, "global")
@@ -167,3 +172,4 @@ class ConvGEMM(ConfigRule):
         sch.unroll(loops[-3])
         wl = sch.get_loops(wb)
         sch.vectorize(sch.split(wl[-1], [None, lanes])[-1])
+        schedule_tail(sch, conv, lanes)

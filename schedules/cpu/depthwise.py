@@ -1,6 +1,7 @@
 """Depthwise NHWC convolution (any kernel size, stride, padding, channel multiplier).
 
-Memory-bound: one pass over the input, vectorized over channels (contiguous in NHWC),
+Memory-bound: one pass over the input, vectorized over channels (contiguous in NHWC;
+whole vectors of the widest width that divides the channels, see ``channel_vector``),
 one accumulator vector per output pixel and channel block held in a register across the
 KHxKW window, the elementwise epilogue (batch norm, activation) fused into its
 write-back, rows of output pixels in parallel.
@@ -11,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..rule import ConfigRule
-from ..analysis import accumulate_locally, match_conv
-from .target_info import cpu_info
+from ..analysis import DEPTHWISE, accumulate_locally, match_conv
+from .generic import schedule_tail
+from .target_info import channel_vector, cpu_info
 
 
 @dataclass(frozen=True)
@@ -30,21 +32,19 @@ class Depthwise(ConfigRule):
     config_type = DepthwiseConfig
 
     def match(self, sch, target):
-        conv = match_conv(sch, target, "llvm", depthwise=True)
-        if conv is None or conv.out_shape[3] % cpu_info(target).lanes:
-            return None
-        return conv
+        return match_conv(sch, target, "llvm", (DEPTHWISE,), tail=True)
 
     def configs(self, conv, target) -> list[DepthwiseConfig]:
         """One vector x one pixel (the default) first, then wider register tiles that
         divide the channels and the row."""
-        lanes = cpu_info(target).lanes
         _, _, width, channels = conv.out_shape
+        lanes = channel_vector(channels, cpu_info(target).lanes)
         return [DepthwiseConfig(v, p) for v in (1, 2, 4) for p in (1, 2, 4)
                 if channels % (v * lanes) == 0 and width % p == 0]
 
     def schedule(self, sch, conv, config: DepthwiseConfig, target) -> None:
-        self._schedule(sch, conv, cpu_info(target).lanes, config)
+        lanes = channel_vector(conv.out_shape[3], cpu_info(target).lanes)
+        self._schedule(sch, conv, lanes, config)
 
     @staticmethod
     def _schedule(sch, conv, lanes: int, config: DepthwiseConfig = DepthwiseConfig()) -> None:
@@ -58,8 +58,11 @@ class Depthwise(ConfigRule):
         sch.reverse_compute_at(wb, co)
         for loop in (ry, rx, xi, cu):
             sch.unroll(loop)
-        sch.vectorize(cv)
+        # (One lane: an odd channel count, scalar code; TVM refuses a 1-lane vector.)
+        vectorize = sch.vectorize if lanes > 1 else sch.unroll
+        vectorize(cv)
         sch.parallel(rows)
         init = sch.decompose_reduction(block, ry)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.vectorize(sch.get_loops(wb)[-1])
+        vectorize(sch.get_loops(init)[-1])
+        vectorize(sch.get_loops(wb)[-1])
+        schedule_tail(sch, conv, lanes)

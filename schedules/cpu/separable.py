@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..analysis import accumulate_locally, index_by_pixel_row, match_separable
 from ..rule import ConfigRule
 from .conv_gemm import ConvGEMM, GEMMConfig
-from .target_info import cpu_info
+from .target_info import channel_vector, cpu_info
 
 
 class SeparableConv(ConfigRule):
@@ -26,12 +26,7 @@ class SeparableConv(ConfigRule):
     config_type = GEMMConfig
 
     def match(self, sch, target):
-        if target.kind.name != "llvm":
-            return None
-        sep = match_separable(sch)
-        if sep is None or sep.depthwise.out_shape[3] % cpu_info(target).lanes:
-            return None
-        return sep
+        return match_separable(sch) if target.kind.name == "llvm" else None
 
     def configs(self, sep, target) -> list[GEMMConfig]:
         return ConvGEMM().configs(sep.pointwise, target)
@@ -44,6 +39,8 @@ class SeparableConv(ConfigRule):
 
     @staticmethod
     def _schedule(sch, sep, config: GEMMConfig, lanes: int) -> None:
+        """``lanes``: the target's vector width; the GEMM pads channels to it, the
+        depthwise rows use the widest whole vectors that divide their channels."""
         from tvm.s_tir import ScheduleError
 
         dw, pw = sep.depthwise, sep.pointwise
@@ -61,18 +58,21 @@ class SeparableConv(ConfigRule):
         # (pixel) all its channels, a vector at a time, then writes them back.
         sch.compute_at(wb, sch.get_loops(pw.block)[0])
         row, c = sch.get_loops(wb)[1:]
-        sch.vectorize(sch.split(c, [None, lanes])[1])
+        dw_lanes = channel_vector(dw.out_shape[3], lanes)
+        # (One lane: an odd channel count, scalar code; TVM refuses a 1-lane vector.)
+        vectorize = sch.vectorize if dw_lanes > 1 else sch.unroll
+        vectorize(sch.split(c, [None, dw_lanes])[1])
         sch.compute_at(dw.block, row)
         channels, *window = sch.get_loops(dw.block)[2:]
-        co, cv = sch.split(channels, [None, lanes])
+        co, cv = sch.split(channels, [None, dw_lanes])
         sch.reorder(co, *window, cv)
         for loop in window:
             sch.unroll(loop)
         try:
-            sch.vectorize(cv)
+            vectorize(cv)
         except ScheduleError:
             # TVM refuses to vectorize a reduction update whose bindings it cannot
             # prove affine under the last chunk's bounds predicate; LLVM gets it unrolled.
             sch.unroll(cv)
         init = sch.decompose_reduction(dw.block, window[0])
-        sch.vectorize(sch.get_loops(init)[-1])
+        vectorize(sch.get_loops(init)[-1])

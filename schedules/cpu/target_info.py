@@ -33,3 +33,14 @@ def cpu_info(target) -> CPUInfo:
     if has("neon"):
         return CPUInfo(lanes=4, registers=32, cores=cores)
     return CPUInfo(lanes=4, registers=16, cores=cores)  # SSE-class x86 or unknown
+
+
+def channel_vector(channels: int, lanes: int) -> int:
+    """Lanes of the channel vectors for ``channels`` contiguous channels: the target's
+    full width when it divides them, else the widest power of two below it that does
+    (728 channels on AVX-512: 8-lane vectors), so every vector is whole and no access
+    runs past the channels. An odd count gets 1 (scalar code)."""
+    width = lanes
+    while channels % width:
+        width //= 2
+    return width

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis import accumulate_locally, index_by_pixel_row, match_conv
+from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
+                        match_conv)
 from .gpu_info import TARGET_BLOCKS, gpu_info
 from .rule import GPURule
 
@@ -67,7 +68,7 @@ class ConvGEMM(GPURule):
     config_type = TileConfig
 
     def match(self, sch, target):
-        conv = match_conv(sch, target, "cuda", depthwise=False)
+        conv = match_conv(sch, target, "cuda", (POINTWISE, DENSE))
         if conv is None:
             return None
         block = sch.get(conv.block)
@@ -84,7 +85,9 @@ class ConvGEMM(GPURule):
         f = conv.out_shape[3]
         c = conv.in_channels
         block = conv.block
-        wb = accumulate_locally(sch, conv)
+        # The padding stays a producer: the shared-memory fetch of A inlines it, so the
+        # fetch reads under the padding predicate (``_fetch``).
+        wb = accumulate_locally(sch, conv, pad_in_place=False)
         # GEMM form: [pixel, channel] += A[pixel, window x channel] * B[window x channel, channel].
         index_by_pixel_row(sch, conv, wb, fuse_reduction=True)
         sch.reindex(block, ("read", 0))  # A[m, k]: im2col rows (a gather, inlined below)

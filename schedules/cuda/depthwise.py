@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis import accumulate_locally, match_conv
+from ..analysis import DEPTHWISE, accumulate_locally, match_conv
 from .gpu_info import gpu_info
 from .rule import GPURule
 
@@ -33,7 +33,7 @@ class Depthwise(GPURule):
     config_type = DepthwiseConfig
 
     def match(self, sch, target):
-        return match_conv(sch, target, "cuda", depthwise=True)
+        return match_conv(sch, target, "cuda", (DEPTHWISE,))
 
     def configs(self, conv, target) -> list[DepthwiseConfig]:
         channels = conv.out_shape[3]

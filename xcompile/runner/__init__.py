@@ -156,9 +156,10 @@ def build_runner(arch: str) -> Path:
 
 
 def run(build_dir: str | os.PathLike, input_path: str, output_path: str | None = None,
-        repeat: int = 1) -> subprocess.CompletedProcess:
+        repeat: int = 1, outputs_dir: str | None = None) -> subprocess.CompletedProcess:
     """Run a build folder through the C++ runner of its architecture (under emulation
-    when that is not this machine's); returns the finished process (text output)."""
+    when that is not this machine's); returns the finished process (text output).
+    ``output_path`` receives the first output, ``outputs_dir`` every output."""
     from xcompile.manifest import read_manifest
 
     arch = read_manifest(build_dir)["target"]["arch"]
@@ -167,23 +168,28 @@ def run(build_dir: str | os.PathLike, input_path: str, output_path: str | None =
            "--repeat", str(repeat)]
     if output_path:
         cmd += ["--output", str(output_path)]
+    if outputs_dir:
+        cmd += ["--outputs", str(outputs_dir)]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def predict(build_dir: str | os.PathLike, x, repeat: int = 1):
-    """Run ``x`` (a numpy array) through the runner; returns (first output, the runner's
-    latency line). A failure is an :class:`XCompileError` with the runner's message."""
+    """Run ``x`` (a numpy array) through the runner; returns (every output, in order;
+    the runner's latency line). A failure is an :class:`XCompileError` with the
+    runner's message."""
     import tempfile
 
     import numpy as np
 
     from xcompile.files import save_npy
+    from xcompile.manifest import read_manifest
 
+    count = len(read_manifest(build_dir)["outputs"])
     with tempfile.TemporaryDirectory() as tmp:
         save_npy(f"{tmp}/x.npy", x)
-        proc = run(build_dir, f"{tmp}/x.npy", f"{tmp}/y.npy", repeat=repeat)
+        proc = run(build_dir, f"{tmp}/x.npy", repeat=repeat, outputs_dir=tmp)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             raise XCompileError(lines[-1].removeprefix("error: ") if lines else
                                 f"the runner failed on {build_dir}")
-        return np.load(f"{tmp}/y.npy"), proc.stdout.strip()
+        return [np.load(f"{tmp}/{i}.npy") for i in range(count)], proc.stdout.strip()

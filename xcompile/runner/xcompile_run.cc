@@ -1,30 +1,42 @@
 // xcompile_run: run an xcompile build folder with nothing but the TVM runtime.
 //
-//   xcompile_run BUILD_DIR --input X.npy --output Y.npy [--repeat N]
+//   xcompile_run BUILD_DIR --input X.npy [--output Y.npy] [--outputs DIR] [--repeat N]
 //
-// Loads BUILD_DIR/module.so (a Relax VM executable) and BUILD_DIR/params.bin (weights in
-// TVM's parameter format, named so that sorting the names gives the call order), runs
-// `main(input, *weights)` on the build's device (the CPU, or CUDA GPU 0 when the manifest
-// says "device": "cuda"), writes the first output as .npy and prints the median latency.
-// Links libtvm_runtime and libtvm_ffi only; a CUDA build loads libtvm_runtime_cuda.so
-// (and through it the CUDA runtime and driver) at run time. Every failure is one
-// `error: ...` line on stderr and exit status 2.
+// Reads BUILD_DIR/manifest.json, checks the SHA-256 of the module and the weights it
+// names against it (a damaged or foreign .so is never opened), loads the module (a
+// Relax VM executable) and the weights (TVM's parameter format), and runs
+// `main(input, *weights)` with the weights in the manifest's order on the build's
+// device (the CPU, or CUDA GPU 0 for a CUDA build). The input's dtype and shape must be
+// the manifest's. --output writes the first output, --outputs DIR every output as
+// DIR/0.npy, DIR/1.npy...; the median latency is printed. Links libtvm_runtime and
+// libtvm_ffi only; a CUDA build loads libtvm_runtime_cuda.so (and through it the CUDA
+// runtime and driver) at run time. Every failure is one `error: ...` line on stderr and
+// exit status 2.
+#include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/json.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <elf.h>
-#include <sched.h>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <sstream>
 #include <stdexcept>
@@ -39,13 +51,161 @@ struct UserError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+constexpr int64_t kMaxRepeat = 1000000;
+
+// A regular file's bytes (a FIFO or a device would block or never end).
 std::string ReadFile(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw UserError("cannot read " + path + ": not found");
+  if (!S_ISREG(st.st_mode)) throw UserError(path + " is not a regular file");
   std::ifstream f(path, std::ios::binary);
   if (!f) throw UserError("cannot read " + path);
   std::ostringstream s;
   s << f.rdbuf();
   return s.str();
 }
+
+// ---------------------------------------------------------------- SHA-256 (FIPS 180-4)
+
+std::string Sha256Hex(const std::string& data) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+      0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+      0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+      0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+      0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+      0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+      0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+      0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+      0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  std::string msg = data;
+  uint64_t bits = uint64_t(data.size()) * 8;
+  msg.push_back(char(0x80));
+  while (msg.size() % 64 != 56) msg.push_back(char(0));
+  for (int i = 7; i >= 0; --i) msg.push_back(char((bits >> (8 * i)) & 0xff));
+  for (size_t off = 0; off < msg.size(); off += 64) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      const unsigned char* p = reinterpret_cast<const unsigned char*>(msg.data() + off + 4 * i);
+      w[i] = uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3];
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+  }
+  std::ostringstream out;
+  for (uint32_t v : h) out << std::hex << std::setw(8) << std::setfill('0') << v;
+  return out.str();
+}
+
+// ---------------------------------------------------------------- the manifest
+
+// What the runner needs of manifest.json, checked as it is read: a damaged manifest is
+// refused before any other file is opened.
+struct Manifest {
+  std::string module, params, device, input_dtype;
+  std::vector<int64_t> input_shape;
+  std::vector<std::string> weight_names;
+  std::string module_sha, params_sha;
+};
+
+[[noreturn]] void Damaged(const std::string& dir, const std::string& why) {
+  throw UserError(dir + "/manifest.json is damaged: " + why);
+}
+
+ffi::Any Field(const ffi::Map<ffi::Any, ffi::Any>& obj, const char* key, const std::string& dir) {
+  auto it = obj.find(ffi::String(key));
+  if (it == obj.end()) Damaged(dir, std::string("no \"") + key + "\"");
+  return (*it).second;
+}
+
+std::string Str(const ffi::Any& v, const char* what, const std::string& dir) {
+  auto s = v.try_cast<ffi::String>();
+  if (!s.has_value()) Damaged(dir, std::string(what) + " is not a string");
+  return std::string(*s);
+}
+
+ffi::Map<ffi::Any, ffi::Any> Obj(const ffi::Any& v, const char* what, const std::string& dir) {
+  auto m = v.try_cast<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!m.has_value()) Damaged(dir, std::string(what) + " is not an object");
+  return *m;
+}
+
+ffi::Array<ffi::Any> Arr(const ffi::Any& v, const char* what, const std::string& dir) {
+  auto a = v.try_cast<ffi::Array<ffi::Any>>();
+  if (!a.has_value()) Damaged(dir, std::string(what) + " is not a list");
+  return *a;
+}
+
+// A file of the build: a plain name inside the folder, never a path out of it.
+std::string PlainName(const std::string& name, const std::string& dir) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      name.find('\0') != std::string::npos) {
+    Damaged(dir, "\"" + name + "\" is not a file name inside the build");
+  }
+  return name;
+}
+
+Manifest ReadManifest(const std::string& dir) {
+  std::string text = ReadFile(dir + "/manifest.json");
+  ffi::String error;
+  ffi::Any root = ffi::json::Parse(ffi::String(text), &error);
+  if (error.size() > 0) Damaged(dir, "not JSON");
+  auto m = Obj(root, "the manifest", dir);
+  auto format = Field(m, "format", dir).try_cast<int64_t>();
+  if (!format.has_value() || *format != 1) Damaged(dir, "unknown format (expected 1)");
+  Manifest out;
+  out.module = PlainName(Str(Field(m, "module", dir), "module", dir), dir);
+  auto params = Obj(Field(m, "params", dir), "params", dir);
+  out.params = PlainName(Str(Field(params, "file", dir), "params.file", dir), dir);
+  for (const ffi::Any& n : Arr(Field(params, "names", dir), "params.names", dir)) {
+    out.weight_names.push_back(Str(n, "a weight name", dir));
+  }
+  auto target = Obj(Field(m, "target", dir), "target", dir);
+  out.device = Str(Field(target, "device", dir), "target.device", dir);
+  if (out.device != "cpu" && out.device != "cuda") Damaged(dir, "unknown device " + out.device);
+  auto inputs = Arr(Field(m, "inputs", dir), "inputs", dir);
+  if (inputs.size() != 1) Damaged(dir, "expected one input");
+  auto input = Obj(inputs[0], "inputs[0]", dir);
+  out.input_dtype = Str(Field(input, "dtype", dir), "the input dtype", dir);
+  for (const ffi::Any& d : Arr(Field(input, "shape", dir), "the input shape", dir)) {
+    auto v = d.try_cast<int64_t>();
+    if (!v.has_value() || *v < 1) Damaged(dir, "the input shape holds a non-positive integer");
+    out.input_shape.push_back(*v);
+  }
+  auto sums = Obj(Field(m, "sha256", dir), "sha256", dir);
+  out.module_sha = Str(Field(sums, out.module.c_str(), dir), "a checksum", dir);
+  out.params_sha = Str(Field(sums, out.params.c_str(), dir), "a checksum", dir);
+  return out;
+}
+
+// A file of the build, read once and checked against the manifest's SHA-256.
+std::string ReadChecked(const std::string& dir, const std::string& name, const std::string& sha) {
+  std::string path = dir + "/" + name;
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw UserError(dir + " is incomplete: " + name + " is missing");
+  std::string data = ReadFile(path);
+  if (Sha256Hex(data) != sha) {
+    throw UserError(path + " is damaged or was changed after the build (SHA-256 differs from "
+                    "the manifest)");
+  }
+  return data;
+}
+
+// ---------------------------------------------------------------- shared objects
 
 #if defined(__aarch64__)
 constexpr uint16_t kThisMachine = EM_AARCH64;
@@ -57,8 +217,7 @@ constexpr const char* kThisArch = "x86_64";
 
 // dlopen of a truncated shared object can kill the process with SIGBUS, so check the
 // headers against the file size (and the architecture) first.
-void CheckSharedObject(const std::string& path) {
-  std::string data = ReadFile(path);
+void CheckSharedObject(const std::string& path, const std::string& data) {
   if (data.size() < sizeof(Elf64_Ehdr) || std::memcmp(data.data(), ELFMAG, SELFMAG) != 0 ||
       data[EI_CLASS] != ELFCLASS64) {
     throw UserError(path + " is not a 64-bit ELF shared object");
@@ -83,6 +242,8 @@ void CheckSharedObject(const std::string& path) {
   }
 }
 
+// ---------------------------------------------------------------- .npy
+
 struct CPUAlloc {
   void AllocData(DLTensor* t) {
     size_t bytes = (ffi::GetDataSize(*t) + 63) / 64 * 64;
@@ -91,8 +252,35 @@ struct CPUAlloc {
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
-// A float32, C-order .npy array.
+// numpy's dtype name <-> .npy descr <-> DLPack type, for the dtypes models take.
+struct DType {
+  const char* name;
+  const char* descr;
+  DLDataType dl;
+};
+constexpr DType kDTypes[] = {
+    {"float32", "<f4", {kDLFloat, 32, 1}}, {"float16", "<f2", {kDLFloat, 16, 1}},
+    {"float64", "<f8", {kDLFloat, 64, 1}}, {"int64", "<i8", {kDLInt, 64, 1}},
+    {"int32", "<i4", {kDLInt, 32, 1}},     {"int8", "|i1", {kDLInt, 8, 1}},
+    {"uint8", "|u1", {kDLUInt, 8, 1}},     {"bool", "|b1", {kDLBool, 8, 1}},
+};
+
+const DType& ByName(const std::string& name) {
+  for (const DType& d : kDTypes) {
+    if (name == d.name) return d;
+  }
+  throw UserError("the build's input dtype " + name + " is not one the runner reads");
+}
+
+const DType* ByDL(DLDataType t) {
+  for (const DType& d : kDTypes) {
+    if (d.dl.code == t.code && d.dl.bits == t.bits && d.dl.lanes == t.lanes) return &d;
+  }
+  return nullptr;
+}
+
 struct Npy {
+  std::string descr;
   std::vector<int64_t> shape;
   std::string bytes;
 };
@@ -107,80 +295,119 @@ Npy ReadNpy(const std::string& path) {
     header_len = uint8_t(data[8]) | (uint8_t(data[9]) << 8);
     offset = 10;
   } else {
+    if (data.size() < 12) throw UserError(path + " is not a .npy file");
     header_len = uint8_t(data[8]) | (uint8_t(data[9]) << 8) | (uint8_t(data[10]) << 16) |
                  (size_t(uint8_t(data[11])) << 24);
     offset = 12;
   }
+  if (offset + header_len > data.size()) throw UserError(path + " is truncated");
   std::string header = data.substr(offset, header_len);
-  if (header.find("'descr': '<f4'") == std::string::npos) {
-    throw UserError(path + " must hold float32 data (little-endian '<f4')");
-  }
   if (header.find("'fortran_order': True") != std::string::npos) {
     throw UserError(path + " is in Fortran order; save it C-contiguous");
   }
   Npy npy;
+  size_t d = header.find("'descr'");
+  size_t q1 = d == std::string::npos ? d : header.find('\'', header.find(':', d));
+  size_t q2 = q1 == std::string::npos ? q1 : header.find('\'', q1 + 1);
   size_t open = header.find('(', header.find("'shape'"));
-  size_t close = header.find(')', open);
+  size_t close = open == std::string::npos ? open : header.find(')', open);
+  if (q2 == std::string::npos || close == std::string::npos) {
+    throw UserError(path + " has a damaged .npy header");
+  }
+  npy.descr = header.substr(q1 + 1, q2 - q1 - 1);
   std::stringstream dims(header.substr(open + 1, close - open - 1));
   std::string item;
-  int64_t count = 1;
   while (std::getline(dims, item, ',')) {
     if (item.find_first_not_of(' ') == std::string::npos) continue;
-    npy.shape.push_back(std::stoll(item));
-    count *= npy.shape.back();
+    try {
+      npy.shape.push_back(std::stoll(item));
+    } catch (const std::exception&) {
+      throw UserError(path + " has a damaged .npy header");
+    }
   }
   npy.bytes = data.substr(offset + header_len);
-  if (npy.bytes.size() != size_t(count) * 4) throw UserError(path + " is truncated");
   return npy;
 }
 
-void WriteNpy(const std::string& path, const ffi::Tensor& t) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 32) {
-    throw UserError("the output is not float32");
-  }
-  std::string shape = "(";
-  int64_t count = 1;
-  for (int64_t d : t.shape()) {
-    shape += std::to_string(d) + ", ";
-    count *= d;
-  }
-  if (t.shape().size() > 1) shape.erase(shape.size() - 1);
-  shape += ")";
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }";
-  header.append(63 - (10 + header.size()) % 64, ' ');
-  header += '\n';
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw UserError("cannot write " + path);
-    f.write("\x93NUMPY\x01\x00", 8);
-    uint16_t len = uint16_t(header.size());
-    f.write(reinterpret_cast<const char*>(&len), 2);
-    f << header;
-    f.write(static_cast<const char*>(t.data_ptr()), count * 4);
-    if (!f) throw UserError("cannot write " + path);
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw UserError("cannot write " + path);
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-ffi::Tensor ToTensor(const Npy& npy) {
-  DLDataType f32{kDLFloat, 32, 1};
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()), f32,
-                                           DLDevice{kDLCPU, 0});
+// The input as the build takes it: its dtype and shape are the manifest's.
+ffi::Tensor InputTensor(const Npy& npy, const Manifest& m, const std::string& path) {
+  const DType& want = ByName(m.input_dtype);
+  if (npy.descr != want.descr) {
+    throw UserError(path + " holds " + npy.descr + " data; the model's input is " + want.name +
+                    " ('" + want.descr + "')");
+  }
+  if (npy.shape != m.input_shape) {
+    throw UserError(path + " has shape " + ShapeText(npy.shape) + "; the model's input is " +
+                    ShapeText(m.input_shape));
+  }
+  int64_t count = 1;
+  for (int64_t v : npy.shape) count *= v;
+  if (npy.bytes.size() != size_t(count) * (want.dl.bits / 8)) throw UserError(path + " is truncated");
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(npy.shape.data(), npy.shape.size()),
+                                           want.dl, DLDevice{kDLCPU, 0});
   std::memcpy(t.data_ptr(), npy.bytes.data(), npy.bytes.size());
   return t;
 }
 
+// Writes `t` (on the CPU) as .npy at `path`, through a unique temporary file beside it.
+void WriteNpy(const std::string& path, const ffi::Tensor& t) {
+  const DType* d = ByDL(t.dtype());
+  if (d == nullptr) throw UserError("an output has a dtype the runner cannot write");
+  std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
+  int64_t count = 1;
+  for (int64_t v : shape) count *= v;
+  std::string header = std::string("{'descr': '") + d->descr +
+                       "', 'fortran_order': False, 'shape': " + ShapeText(shape) + ", }";
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  std::string tmpl = path + ".XXXXXX";
+  std::vector<char> name(tmpl.begin(), tmpl.end());
+  name.push_back('\0');
+  int fd = mkstemp(name.data());
+  if (fd < 0) throw UserError("cannot write " + path);
+  std::string tmp(name.data());
+  std::string out = std::string("\x93NUMPY\x01\x00", 8);
+  uint16_t len = uint16_t(header.size());
+  out.append(reinterpret_cast<const char*>(&len), 2);
+  out += header;
+  out.append(static_cast<const char*>(t.data_ptr()), size_t(count) * (d->dl.bits / 8));
+  bool ok = write(fd, out.data(), out.size()) == ssize_t(out.size());
+  ok = fchmod(fd, 0644) == 0 && ok;
+  ok = close(fd) == 0 && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    unlink(tmp.c_str());
+    throw UserError("cannot write " + path);
+  }
+}
+
+// An output location that can be written: not a folder, in a folder that exists.
+void CheckWritable(const std::string& path, bool folder) {
+  struct stat st;
+  if (folder) {
+    if (stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      throw UserError("--outputs " + path + " is not a folder");
+    }
+    return;
+  }
+  if (stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    throw UserError("--output " + path + " exists and is not a regular file");
+  }
+  std::string parent = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+  if (parent.empty()) parent = "/";
+  if (stat(parent.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw UserError("--output " + path + ": folder " + parent + " does not exist");
+  }
+}
+
 std::string FirstLine(const std::string& s) { return s.substr(0, s.find('\n')); }
 
-// The build's device, from its manifest (written by xcompile, so a plain search will do).
-bool IsCudaBuild(const std::string& dir) {
-  std::ifstream f(dir + "/manifest.json");
-  if (!f) return false;
-  std::ostringstream s;
-  s << f.rdbuf();
-  return s.str().find("\"device\": \"cuda\"") != std::string::npos;
-}
+// ---------------------------------------------------------------- devices
 
 // TVM's CUDA device API lives in its own library; load it next to libtvm_runtime.so.
 void LoadCudaRuntime() {
@@ -214,18 +441,31 @@ ffi::Tensor CopyTo(const ffi::Tensor& t, DLDevice dev) {
   return out;
 }
 
-// TVM's thread pool halves hardware_concurrency() on x86 (it assumes hyper-threading);
-// give it every core this process may use, unless the user chose a number.
+// TVM's thread pool halves hardware_concurrency() on x86 (it assumes hyper-threading)
+// and pins threads to cores; give it every core this process may use, unpinned (as the
+// Python loader does), unless the user chose.
 void ConfigureThreads() {
   cpu_set_t cpus;
   if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) {
     setenv("TVM_NUM_THREADS", std::to_string(CPU_COUNT(&cpus)).c_str(), /*overwrite=*/0);
   }
+  setenv("TVM_BIND_THREADS", "0", /*overwrite=*/0);
+}
+
+int64_t ParseRepeat(const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno != 0 || v < 1 || v > kMaxRepeat) {
+    throw UserError("--repeat takes a whole number from 1 to " + std::to_string(kMaxRepeat) +
+                    ", got " + text);
+  }
+  return v;
 }
 
 int Run(int argc, char** argv) {
-  std::string dir, input, output;
-  int repeat = 1;
+  std::string dir, input, output, outputs;
+  int64_t repeat = 1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -234,21 +474,30 @@ int Run(int argc, char** argv) {
     };
     if (a == "--input") input = value();
     else if (a == "--output") output = value();
-    else if (a == "--repeat") repeat = std::max(1, std::atoi(value().c_str()));
+    else if (a == "--outputs") outputs = value();
+    else if (a == "--repeat") repeat = ParseRepeat(value());
     else if (dir.empty() && a.rfind("--", 0) != 0) dir = a;
     else throw UserError("unknown argument " + a);
   }
   if (dir.empty() || input.empty()) {
-    throw UserError("usage: xcompile_run BUILD_DIR --input X.npy [--output Y.npy] [--repeat N]");
+    throw UserError("usage: xcompile_run BUILD_DIR --input X.npy [--output Y.npy] "
+                    "[--outputs DIR] [--repeat N]");
   }
-  std::string module_path = dir + "/module.so", params_path = dir + "/params.bin";
-  if (!std::ifstream(module_path)) throw UserError(dir + " has no module.so");
-  if (!std::ifstream(params_path)) throw UserError(dir + " is incomplete: params.bin is missing");
-  CheckSharedObject(module_path);
+  Manifest m = ReadManifest(dir);
+  if (!output.empty()) CheckWritable(output, false);
+  if (!outputs.empty()) CheckWritable(outputs, true);
+  // Both files checked before either is used: the module is never opened unverified.
+  std::string module_path = dir + "/" + m.module;
+  std::string so = ReadChecked(dir, m.module, m.module_sha);
+  std::string blob = ReadChecked(dir, m.params, m.params_sha);
+  CheckSharedObject(module_path, so);
+  so.clear();
   Npy x = ReadNpy(input);
+  ffi::Tensor x_cpu = InputTensor(x, m, input);
+  x.bytes.clear();
   ConfigureThreads();
 
-  bool cuda = IsCudaBuild(dir);
+  bool cuda = m.device == "cuda";
   if (cuda) LoadCudaRuntime();
   DLDevice dev = cuda ? DLDevice{kDLCUDA, 0} : DLDevice{kDLCPU, 0};
 
@@ -262,18 +511,16 @@ int Run(int argc, char** argv) {
     vm->GetFunction("vm_initialization").value()(int(kDLCPU), 0, kPooledAllocator);
   }
   ffi::Function load_params = ffi::Function::GetGlobalRequired("runtime.LoadParams");
-  std::string blob = ReadFile(params_path);
   auto params = load_params(ffi::Bytes(blob.data(), blob.size()))
                     .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-  std::vector<std::string> names;
-  for (const auto& kv : params) names.push_back(std::string(kv.first));
-  std::sort(names.begin(), names.end());
+  blob.clear();
 
   std::vector<ffi::Any> args;
-  args.push_back(cuda ? CopyTo(ToTensor(x), dev) : ToTensor(x));
-  for (const auto& name : names) {
-    ffi::Tensor w = params.at(ffi::String(name));
-    args.push_back(cuda ? CopyTo(w, dev) : w);
+  args.push_back(cuda ? CopyTo(x_cpu, dev) : x_cpu);
+  for (const std::string& name : m.weight_names) {  // main's order, from the manifest
+    auto it = params.find(ffi::String(name));
+    if (it == params.end()) throw UserError(dir + "/" + m.params + " lacks the weight " + name);
+    args.push_back(cuda ? CopyTo((*it).second, dev) : (*it).second);
   }
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Function main_fn = vm->GetFunction("main").value();
@@ -281,22 +528,31 @@ int Run(int argc, char** argv) {
   ffi::Any result;
   std::vector<double> ms;
   // Kernels run asynchronously on a GPU: time up to the copy-back that waits for them.
-  auto first_output = [&]() {
-    ffi::Tensor t = result.as<ffi::Tensor>().has_value()
-                        ? result.cast<ffi::Tensor>()
-                        : result.cast<ffi::Array<ffi::Any>>()[0].cast<ffi::Tensor>();
-    return cuda ? CopyTo(t, DLDevice{kDLCPU, 0}) : t;
+  auto results = [&]() {
+    std::vector<ffi::Tensor> out;
+    if (auto t = result.try_cast<ffi::Tensor>()) {
+      out.push_back(*t);
+    } else {
+      for (const ffi::Any& v : result.cast<ffi::Array<ffi::Any>>()) out.push_back(v.cast<ffi::Tensor>());
+    }
+    for (ffi::Tensor& t : out) {
+      if (cuda) t = CopyTo(t, DLDevice{kDLCPU, 0});
+    }
+    return out;
   };
-  ffi::Tensor out;
-  for (int r = 0; r < repeat; ++r) {
+  std::vector<ffi::Tensor> out;
+  for (int64_t r = 0; r < repeat; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     main_fn.CallPacked(views.data(), int32_t(views.size()), &result);
-    out = first_output();
+    out = results();
     ms.push_back(std::chrono::duration<double, std::milli>(
                      std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
-  if (!output.empty()) WriteNpy(output, out);
+  if (!output.empty()) WriteNpy(output, out[0]);
+  if (!outputs.empty()) {
+    for (size_t i = 0; i < out.size(); ++i) WriteNpy(outputs + "/" + std::to_string(i) + ".npy", out[i]);
+  }
   std::cout << "latency: median " << ms[ms.size() / 2] << " ms, min " << ms.front()
             << " ms over " << repeat << " runs" << std::endl;
   return 0;

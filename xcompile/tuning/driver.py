@@ -103,16 +103,9 @@ def _check_local_device(preset) -> None:
     elif preset.arch != targets.detect_arch():
         raise XCompileError(f"{preset.name} code does not run on this {targets.detect_arch()} "
                             "machine; measure on the device with --rpc-tracker/--rpc-key")
-    elif preset.name != targets.HOST and not _host_runs(preset):
+    elif not targets.runs_here(preset):
         raise XCompileError(f"this CPU lacks instructions {preset.name} code uses; tune "
                             "--target host, or measure on such a CPU through --rpc-tracker")
-
-
-def _host_runs(preset) -> bool:
-    from schedules.cpu.target_info import cpu_info
-
-    return cpu_info(preset.tvm_target()).lanes <= cpu_info(
-        targets.resolve(targets.HOST).tvm_target()).lanes
 
 
 def _new_manifest(preset, key: str) -> dict:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 from xcompile.errors import XCompileError
 
-SEPARABLE = ("depthwise", "pointwise")
-
 
 @dataclass
 class Task:
@@ -19,42 +17,11 @@ class Task:
     name: str
     mod: object  # tvm.IRModule
     weight: int  # calls per inference
-    kind: str  # depthwise | pointwise | conv | other
+    kind: str  # schedules.analysis.classify: depthwise, pointwise, dense, separable...
     flops: float  # per call
 
     def row(self) -> str:
         return f"{self.name} ({self.kind}, x{self.weight}, {self.flops / 1e6:.1f} MFLOP)"
-
-
-def conv_kind(func) -> str:
-    """Classify a kernel by its one reduction block over a 2-D window (any layout).
-
-    A 2-D convolution reduces over (channels, KH, KW): pointwise when the window is 1x1,
-    depthwise when each output channel reads a single input channel (that extent is 1)
-    with a larger window, a dense conv otherwise. Kernels with another structure are
-    ``other``."""
-    from tvm import s_tir
-    from tvm.tirx import IterVar
-
-    sch = s_tir.Schedule(func)
-    reductions = []
-    for rv in sch.get_child_blocks(sch.get_sblock("root")):
-        block = sch.get(rv)
-        red = [int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == IterVar.CommReduce]
-        if red:
-            reductions.append((block, red))
-    if len(reductions) != 1:
-        return "other"
-    block, red = reductions[0]
-    spatial = sum(iv.iter_type == IterVar.DataPar for iv in block.iter_vars)
-    if len(red) != 3 or spatial != 4 or len(block.reads) != 2:
-        return "other"
-    ones = red.count(1)
-    if ones >= 2:
-        return "pointwise"
-    if ones == 1:
-        return "depthwise"
-    return "conv"
 
 
 def extract(mod, target) -> list[Task]:
@@ -62,20 +29,24 @@ def extract(mod, target) -> list[Task]:
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
+    from schedules.analysis import classify
+
     tasks = []
     for t in ms.relax_integration.extract_tasks(mod, target):
         work = t.dispatched[0]
-        tasks.append(Task(t.task_name, work, int(t.weight), conv_kind(work["main"]),
+        tasks.append(Task(t.task_name, work, int(t.weight), classify(work["main"]),
                           float(analysis.estimate_tir_flops(work))))
     tasks.sort(key=lambda t: -t.flops * t.weight)
     return tasks
 
 
 def select(tasks: list[Task], which: str) -> list[Task]:
-    """``separable`` (depthwise and pointwise convs), ``all``, or the tasks whose name
-    matches the regular expression ``which``; never empty."""
+    """``separable`` (depthwise and pointwise convs, and fused pairs of them), ``all``,
+    or the tasks whose name matches the regular expression ``which``; never empty."""
+    from schedules.analysis import DEPTHWISE, POINTWISE, SEPARABLE
+
     if which == "separable":
-        chosen = [t for t in tasks if t.kind in SEPARABLE]
+        chosen = [t for t in tasks if t.kind in (DEPTHWISE, POINTWISE, SEPARABLE)]
     elif which == "all":
         chosen = list(tasks)
     else:
