@@ -106,14 +106,18 @@ def conv_block(sch, rv) -> Conv2DNHWC | None:
 
 
 def _split_blocks(sch):
-    """(reduction blocks, other blocks) under the root, or None if a block has an iter
-    that is neither data-parallel nor a reduction."""
-    reductions, others = [], []
-    for rv in root_blocks(sch):
-        kinds = iter_kinds(sch.get(rv))
-        if "?" in kinds:
-            return None
-        (reductions if "R" in kinds else others).append(rv)
+    """(reduction blocks, other blocks) under the root, in order, or None when DLight's
+    ``normalize_prim_func`` finds the function not in normal form (a block nested in
+    another, an iter neither data-parallel nor a reduction)."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    # (On a copy: normalizing drops unit iters from the blocks, and the matchers here
+    # read a convolution's seven iters; blocks are found back by their unique names.)
+    infos = normalize_prim_func(sch.copy())
+    if infos is None or any("O" in info.dom_kind() for info in infos):
+        return None
+    reductions = [sch.get_sblock(info.name) for info in infos if info.is_reduction()]
+    others = [sch.get_sblock(info.name) for info in infos if not info.is_reduction()]
     return reductions, others
 
 

@@ -10,6 +10,8 @@ build manifest can say which rule produced each kernel.
 from __future__ import annotations
 
 import logging
+
+from xcompile.errors import first_line
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -51,31 +53,26 @@ def register_separable_fusion(family: str, factory: Callable[[], object]) -> Non
 
 def fuses_separable(family: str) -> bool:
     """Whether ``family`` schedules fused separable convolutions."""
-    _load_families()
     return family in _SEPARABLE_FUSION
 
 
 def separable_rule(family: str):
     """A fresh instance of ``family``'s fused-separable rule (see ``fuses_separable``)."""
-    _load_families()
     return _SEPARABLE_FUSION[family]()
 
 
 def layout_for(family: str) -> dict[str, list[str]] | None:
     """The graph layout ``family``'s rules expect, or None to keep the model's layout."""
-    _load_families()
     return _LAYOUTS.get(family)
 
 
 def rules_for(family: str) -> list:
     """Fresh instances of ``family``'s rules, most specific first (may be empty)."""
-    _load_families()
     return [make() for make in _FACTORIES.get(family, [])]
 
 
 def baseline_rules_for(family: str) -> list:
     """Fresh instances of ``family``'s plain-path rules (empty: TVM's naive lowering)."""
-    _load_families()
     return [make() for make in _BASELINE.get(family, [])]
 
 
@@ -84,9 +81,14 @@ def rule_name(rule) -> str:
     return getattr(rule, "name", None) or type(rule).__name__
 
 
-def _load_families() -> None:
-    # Importing a family module registers its rules.
-    from . import cpu, cuda  # noqa: F401
+def rules_by_name(rules: list) -> dict:
+    """Name -> rule for ``rules``, under their current names and their earlier ones (a
+    tuning log records the rule that produced each result by name)."""
+    out = {}
+    for rule in rules:
+        for name in (*getattr(rule, "aliases", ()), rule_name(rule)):
+            out[name] = rule
+    return out
 
 
 def apply_rules(rules: list):
@@ -108,14 +110,13 @@ def apply_rules(rules: list):
                 except Exception as e:  # a rule's bug must not break the build
                     log.warning("%s failed on %s (%s: %s); trying the next rule",
                                 rule_name(rule), gvar.name_hint, type(e).__name__,
-                                str(e).strip().splitlines()[0] if str(e).strip() else "")
+                                first_line(e))
                     continue
                 if sch is None:
                     continue
                 if isinstance(sch, list):  # tunable rules may return a space; take the first
                     sch = sch[0]
-                updates[gvar] = (sch.mod["main"].with_attr("tirx.is_scheduled", True)
-                                 .with_attr(RULE_ATTR, rule_name(rule)))
+                updates[gvar] = tag_scheduled(sch.mod["main"], rule_name(rule))
                 log.debug("%s: %s", gvar.name_hint, rule_name(rule))
                 break
         for gvar, func in updates.items():
@@ -123,6 +124,12 @@ def apply_rules(rules: list):
         return mod
 
     return _pass
+
+
+def tag_scheduled(func, rule: str):
+    """``func`` marked as scheduled (later passes leave it alone), by the rule ``rule``
+    (what ``kernel_rules`` reports)."""
+    return func.with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule)
 
 
 def kernel_rules(mod) -> dict[str, str]:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import logging
 
+from xcompile.errors import first_line
+
 log = logging.getLogger(__name__)
+
+# MetaSchedule's annotation of a block that rewrites a weight's layout (weight packing):
+# TVM's SplitLayoutRewritePreproc splits such blocks out of a kernel, so the build runs
+# them once, on the weights, and the tuner times kernels without them.
+LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
 
 
 class ConfigRule:
@@ -20,6 +27,8 @@ class ConfigRule:
     has only one."""
 
     name = "rule"
+    # Earlier names of the rule: tuning logs and manifests that name it so still apply.
+    aliases: tuple[str, ...] = ()
     config_type = None
 
     def config_to_json(self, config) -> dict | None:
@@ -89,7 +98,7 @@ class ConfigRule:
                 self.schedule(copy, self.match(copy, target), config, target)
             except s_tir.ScheduleError as e:
                 log.debug("%s: config %s does not apply (%s)", self.name, config,
-                          str(e).strip().splitlines()[0])
+                          first_line(e))
                 continue
             out.append(copy)
         return out

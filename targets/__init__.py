@@ -1,7 +1,9 @@
-"""Target presets (name -> TVM target dict, host, cross compiler, runtime device)."""
+"""Target presets (name -> TVM target dict, host, cross compiler, runtime device) and
+the kinds of device they run on."""
 
-from .presets import (HOST, PRESETS, Preset, detect_arch, host_cores, names, resolve,
-                      runs_here)
+from .devices import DEVICES, Device, device
+from .presets import (HOST, PRESETS, Preset, check_toolchain, detect_arch, host_cores,
+                      names, resolve, runs_here)
 
-__all__ = ["HOST", "PRESETS", "Preset", "detect_arch", "host_cores", "names", "resolve",
-           "runs_here"]
+__all__ = ["DEVICES", "HOST", "PRESETS", "Device", "Preset", "check_toolchain", "detect_arch",
+           "device", "host_cores", "names", "resolve", "runs_here"]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from dataclasses import dataclass, replace
 
 from xcompile.errors import XCompileError
+
+from .devices import Device, device
 
 # Host target of CUDA builds: generic x86-64, so the module's host code runs on any x86-64.
 _CUDA_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
@@ -36,6 +39,11 @@ class Preset:
     # CPU features (/proc/cpuinfo flags) the preset's code needs on its machine.
     cpu_flags: frozenset[str] = frozenset()
 
+    @property
+    def device_kind(self) -> Device:
+        """What the preset's device needs and can do."""
+        return device(self.device)
+
     def tvm_target(self):
         """The ``tvm.target.Target`` for this preset (imports TVM's compiler)."""
         import tvm
@@ -60,7 +68,9 @@ def _cuda(sm: str, gpus: str) -> Preset:
         name=f"cuda-{sm.replace('_', '')}",
         description=f"NVIDIA {gpus} (CUDA, {sm}), x86-64 host",
         family="cuda", device="cuda", arch="x86_64",
-        target={"kind": "cuda", "arch": sm}, host=_CUDA_HOST,
+        # CUDA's static shared memory limit: the kernels use no dynamic shared memory.
+        target={"kind": "cuda", "arch": sm, "max_shared_memory_per_block": 48 * 1024},
+        host=_CUDA_HOST,
     )
 
 
@@ -118,7 +128,7 @@ def host_cores() -> int:
 def runs_here(preset: Preset) -> bool:
     """Whether this machine executes ``preset``'s CPU code natively (its architecture,
     and every CPU feature the code uses)."""
-    if preset.device != "cpu" or preset.arch != detect_arch():
+    if not preset.device_kind.is_host or preset.arch != detect_arch():
         return False
     return preset.cpu_flags <= _cpu_flags()
 
@@ -151,7 +161,7 @@ def resolve(name: str) -> Preset:
     else:
         raise XCompileError(f"unknown target {name!r}; choose one of: "
                             + ", ".join(names()))
-    if preset.device == "cpu":
+    if preset.device_kind.is_host:
         preset = replace(preset, target={**preset.target, "num-cores": cores})
     return preset
 
@@ -165,3 +175,11 @@ def detect_arch() -> str:
 def names() -> list[str]:
     """All target names a user can pass, ``host`` first."""
     return [HOST, *PRESETS]
+
+
+def check_toolchain(preset: Preset) -> None:
+    """Fail early when the compiler that links the preset's modules is missing."""
+    if preset.cross_cc and shutil.which(preset.cross_cc) is None:
+        pkg = preset.cross_cc.rsplit("-", 1)[0]
+        raise XCompileError(f"{preset.cross_cc} not found: the {preset.name} target links "
+                            f"with it (Debian/Ubuntu: apt-get install g++-{pkg})")

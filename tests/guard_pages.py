@@ -89,7 +89,7 @@ def kernels_of(model_path: str, preset_name: str, batch: int | None, fuse: bool)
     scheduled as a build schedules them (without a tuning log)."""
     import tvm
 
-    import targets
+    from xcompile import targets
     from xcompile import frontend, pipeline
 
     preset = targets.resolve(preset_name)

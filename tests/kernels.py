@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import targets
+from xcompile import targets
 
 HOST = targets.resolve("host")
 CPU_PRESETS = [name for name, p in targets.PRESETS.items() if p.device == "cpu"]

@@ -8,11 +8,11 @@ import pytest
 from kernels import CPU_PRESETS, conv_kernel, lowered_kernels, separable_kernel
 from torch import nn
 
-import targets
-from schedules.analysis import (DENSE, DEPTHWISE, GROUPED, OTHER, POINTWISE, SEPARABLE,
+from xcompile import targets
+from xcompile.schedules.analysis import (DENSE, DEPTHWISE, GROUPED, OTHER, POINTWISE, SEPARABLE,
                                 classify)
 
-CONV_RULES = {"xcompile.cpu.ConvGEMM", "xcompile.cpu.Depthwise", "xcompile.cpu.SeparableConv"}
+CONV_RULES = {"xcompile.cpu.PackedConvGEMM", "xcompile.cpu.VectorDepthwise", "xcompile.cpu.SeparableConv"}
 
 
 def reductions_vectorized_over_channels(func) -> list[str]:
@@ -21,7 +21,7 @@ def reductions_vectorized_over_channels(func) -> list[str]:
     index; empty when every reduction does, as our conv rules' micro-kernels do."""
     from tvm import s_tir, tirx
 
-    from schedules.analysis import free_vars, iter_kinds
+    from xcompile.schedules.analysis import free_vars, iter_kinds
 
     sch = s_tir.Schedule(func)
     bad = []
@@ -51,7 +51,7 @@ def has_conv(func) -> bool:
     """Whether any block of ``func`` is a convolution (found without the classifier)."""
     from tvm import s_tir
 
-    from schedules.analysis import conv_block, root_blocks
+    from xcompile.schedules.analysis import conv_block, root_blocks
 
     sch = s_tir.Schedule(func)
     return any(conv_block(sch, rv) is not None for rv in root_blocks(sch))
@@ -137,18 +137,18 @@ def test_the_check_can_fail():
     does the unscheduled kernel. Our rule does."""
     from tvm import s_tir
 
-    from schedules.cpu import ConvGEMM, Generic
+    from xcompile.schedules.cpu import PackedConvGEMM, Fallback
 
     func = conv_kernel(13, 24, size=9, k=3, pad=1)
     target = targets.resolve("x86-avx2").tvm_target()
-    generic = Generic().apply(func, target).mod["main"]
+    generic = Fallback().apply(func, target).mod["main"]
     assert "T.vectorized" in generic.script()
     assert reductions_vectorized_over_channels(generic) != []
     decomposed = s_tir.Schedule(func)
     conv = decomposed.get_sblock("conv2d_nhwc")
     decomposed.decompose_reduction(conv, decomposed.get_loops(conv)[4])
     assert reductions_vectorized_over_channels(decomposed.mod["main"]) != []
-    ours = ConvGEMM().apply(func, target).mod["main"]
+    ours = PackedConvGEMM().apply(func, target).mod["main"]
     assert reductions_vectorized_over_channels(ours) == []
 
 

@@ -40,7 +40,7 @@ def test_keras_model_builds_and_verifies(keras, tmp_path):
     assert m["inputs"][0]["name"] == "input_1:0"
     assert "xception/predictions/MatMul/ReadVariableOp:0" in m["params"]["onnx_names"]
     rules = {k["name"]: k["rule"] for k in m["kernels"]}
-    assert sum(r in ("xcompile.cpu.ConvGEMM", "xcompile.cpu.Depthwise") for r in rules.values()) == 6
+    assert sum(r in ("xcompile.cpu.PackedConvGEMM", "xcompile.cpu.VectorDepthwise") for r in rules.values()) == 6
     x = np.random.default_rng(1).standard_normal((1, 32, 32, 3), dtype=np.float32)
     from xcompile import runtime
 

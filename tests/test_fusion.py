@@ -67,7 +67,7 @@ def test_pass_leaves_what_it_cannot_fuse():
 
 def test_cuda_lowering_does_not_fuse():
     """No CUDA rule schedules a fused pair yet, so the CUDA family keeps them apart."""
-    import schedules
+    from xcompile import schedules
 
     assert schedules.fuses_separable("x86") and schedules.fuses_separable("arm")
     assert not schedules.fuses_separable("cuda")
@@ -88,7 +88,7 @@ def test_fused_and_unfused_builds_match_onnxruntime(mobile_onnx, tmp_path):
     fused = _build(mobile_onnx, tmp_path / "fused", "--fuse-separable")
     rules = [k["rule"] for k in fused["kernels"]]
     assert rules.count("xcompile.cpu.SeparableConv") == 2
-    assert "xcompile.cpu.Depthwise" not in rules
+    assert "xcompile.cpu.VectorDepthwise" not in rules
     assert fused["options"]["fuse_separable"] is True
     assert max_rel_err(runtime.load(tmp_path / "fused")(x), ref) < RTOL
     plain = _build(mobile_onnx, tmp_path / "plain")
@@ -103,7 +103,7 @@ def test_xception_fused_build_matches_onnxruntime(xception71_onnx, tmp_path):
     _build(xception71_onnx, tmp_path / "x", "--fuse-separable", "--tuning-log", "none")
     m = json.loads((tmp_path / "x" / "manifest.json").read_text())
     rules = [k["rule"] for k in m["kernels"]]
-    assert "xcompile.cpu.Depthwise" not in rules  # no depthwise kernel left on its own
+    assert "xcompile.cpu.VectorDepthwise" not in rules  # no depthwise kernel left on its own
     assert rules.count("xcompile.cpu.SeparableConv") == 11  # Xception's distinct pairs
     x = np.random.default_rng(2).standard_normal((1, 3, 71, 71), dtype=np.float32)
     assert max_rel_err(runtime.load(tmp_path / "x")(x), ort_run(xception71_onnx, x)) < RTOL

@@ -14,8 +14,8 @@ from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
                      separable_kernel)
 from torch import nn
 
-import targets
-from schedules.cpu import ConvGEMM, Depthwise, Generic, SeparableConv
+from xcompile import targets
+from xcompile.schedules.cpu import PackedConvGEMM, VectorDepthwise, Fallback, SeparableConv
 
 
 @pytest.fixture(params=executable_cpu_presets())
@@ -42,15 +42,15 @@ def check_rule(rule, func, preset, expect_parallel=True, vectorized=True):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_gemm_matches_unscheduled(case, preset):
     func = conv_kernel(**case)
-    sch = check_rule(ConvGEMM(), func, preset)
+    sch = check_rule(PackedConvGEMM(), func, preset)
     assert "layout_rewrite_preproc" in sch.mod["main"].script()  # weights packed
 
 
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
 def test_depthwise_matches_unscheduled(case, preset):
     func = depthwise_kernel(**case)
-    assert ConvGEMM().apply(func, preset.tvm_target()) is None
-    check_rule(Depthwise(), func, preset)
+    assert PackedConvGEMM().apply(func, preset.tvm_target()) is None
+    check_rule(VectorDepthwise(), func, preset)
 
 
 @pytest.mark.parametrize("case", SEPARABLE_CASES)
@@ -58,7 +58,7 @@ def test_separable_matches_unscheduled(case, preset):
     """One kernel computes both convs: the depthwise rows of each pixel chunk, then its
     GEMM tiles, with no full-size depthwise output."""
     func = separable_kernel(**case)
-    for single in (ConvGEMM(), Depthwise()):
+    for single in (PackedConvGEMM(), VectorDepthwise()):
         assert single.apply(func, preset.tvm_target()) is None
     sch = check_rule(SeparableConv(), func, preset)
     script = sch.mod["main"].script()
@@ -72,12 +72,12 @@ def test_separable_matches_unscheduled(case, preset):
 def test_depthwise_takes_any_channel_count(channels, lanes, preset):
     """Channels that do not fill whole vectors of the target get the widest whole
     vectors that divide them (an odd count: scalar code), never the generic rule."""
-    from schedules.cpu.target_info import channel_vector, cpu_info
+    from xcompile.schedules.cpu.target_info import channel_vector, cpu_info
 
     func = conv_kernel(channels, channels, size=9, k=3, pad=1, groups=channels)
     width = channel_vector(channels, cpu_info(preset.tvm_target()).lanes)
     assert width == min(lanes, cpu_info(preset.tvm_target()).lanes)
-    sch = check_rule(Depthwise(), func, preset, vectorized=width > 1)
+    sch = check_rule(VectorDepthwise(), func, preset, vectorized=width > 1)
     if width > 1:
         assert f"T.vectorized(T.int64({width}))" in sch.mod["main"].script()
 
@@ -104,31 +104,31 @@ def test_generic_rule_on_everything_else(preset):
     others = {n: f for n, f in kernels.items() if "conv2d" not in n}
     assert any("max_pool" in n for n in others) and any("matmul" in n for n in others)
     for name, func in others.items():
-        assert ConvGEMM().apply(func, target) is None, name
-        assert Depthwise().apply(func, target) is None, name
-        sch = Generic().apply(func, target)
+        assert PackedConvGEMM().apply(func, target) is None, name
+        assert VectorDepthwise().apply(func, target) is None, name
+        sch = Fallback().apply(func, target)
         args = random_args(func)
         want = run_kernel(func, [a.copy() for a in args], target)
         got = run_kernel(sch.mod["main"], [a.copy() for a in args], target)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
     pool = next(f for n, f in others.items() if "max_pool" in n)
-    script = Generic().apply(pool, target).mod["main"].script()
+    script = Fallback().apply(pool, target).mod["main"].script()
     assert "T.parallel" in script and "T.vectorized" in script
 
 
 def test_rules_decline_gpu_targets():
     func = conv_kernel(64, 128, size=19)
     cuda = targets.resolve("cuda").tvm_target()
-    for rule in (ConvGEMM(), Depthwise(), Generic()):
+    for rule in (PackedConvGEMM(), VectorDepthwise(), Fallback()):
         assert rule.apply(func, cuda) is None
 
 
 def _asm(func, preset_name, rule=None):
-    """The assembly of ``func`` scheduled by ``rule`` (default ConvGEMM) for a preset."""
+    """The assembly of ``func`` scheduled by ``rule`` (default PackedConvGEMM) for a preset."""
     import tvm
 
     preset = targets.resolve(preset_name)
-    sch = (rule or ConvGEMM()).apply(func, preset.tvm_target())
+    sch = (rule or PackedConvGEMM()).apply(func, preset.tvm_target())
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
                       target=preset.tvm_target())
 
@@ -157,7 +157,7 @@ def test_neon_instructions():
 
 
 def test_register_tile_fits_the_registers():
-    from schedules.cpu.conv_gemm import register_tile
+    from xcompile.schedules.cpu.conv_gemm import register_tile
 
     for lanes, regs in ((8, 16), (16, 32), (4, 32)):
         for channels in (24, 32, 64, 728, 1000, 1024, 2048):
@@ -170,7 +170,7 @@ def test_register_tile_fits_the_registers():
 def test_a_failing_rule_falls_through_to_the_next(caplog):
     import tvm
 
-    import schedules
+    from xcompile import schedules
 
     class Broken:
         name = "broken"
@@ -180,8 +180,8 @@ def test_a_failing_rule_falls_through_to_the_next(caplog):
 
     mod = tvm.IRModule({"k": conv_kernel(64, 128, size=19)})
     with HOST.tvm_target():
-        out = schedules.apply_rules([Broken(), Generic()])(mod)
-    assert schedules.kernel_rules(out) == {"k": "xcompile.cpu.Generic"}
+        out = schedules.apply_rules([Broken(), Fallback()])(mod)
+    assert schedules.kernel_rules(out) == {"k": "xcompile.cpu.Fallback"}
     assert "broken failed on k" in caplog.text
 
 
@@ -194,14 +194,14 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
     vectors are split or widened by LLVM, so the schedule's logic is what is tested."""
     from tvm import s_tir
 
-    from schedules.analysis import match_conv2d_nhwc
-    from schedules.cpu.conv_gemm import gemm_configs
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs
 
     func = conv_kernel(**case)
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
     n, h, w, f = conv.out_shape
-    ConvGEMM._schedule(sch, conv, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
+    PackedConvGEMM._schedule(sch, conv, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
     assert_computes_the_same(func, sch.mod["main"])
 
 
@@ -209,11 +209,11 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
 def test_other_isas_depthwise_computes_the_same(lanes):
     from tvm import s_tir
 
-    from schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.analysis import match_conv2d_nhwc
 
     func = conv_kernel(48, 48, size=31, k=5, stride=2, pad=2, groups=48, act=nn.SiLU)
     sch = s_tir.Schedule(func)
-    Depthwise._schedule(sch, match_conv2d_nhwc(sch), lanes)
+    VectorDepthwise._schedule(sch, match_conv2d_nhwc(sch), lanes)
     assert_computes_the_same(func, sch.mod["main"])
 
 
@@ -221,9 +221,9 @@ def test_other_isas_depthwise_computes_the_same(lanes):
 def test_other_isas_separable_computes_the_same(lanes, registers):
     from tvm import s_tir
 
-    from schedules.analysis import match_separable
-    from schedules.cpu.conv_gemm import gemm_configs
-    from schedules.cpu.separable import SeparableConv
+    from xcompile.schedules.analysis import match_separable
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs
+    from xcompile.schedules.cpu.separable import SeparableConv
 
     func = separable_kernel(c=48, cout=40, size=13, between=True, act=nn.SiLU)
     sch = s_tir.Schedule(func)

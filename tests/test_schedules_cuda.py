@@ -13,9 +13,9 @@ from kernels import (CONV_CASES, DEPTHWISE_CASES, assert_computes_the_same, conv
                      depthwise_kernel, lowered_kernels)
 from torch import nn
 
-import targets
-from schedules.cuda import ConvGEMM, Depthwise
-from schedules.cuda.conv_gemm import TILES, tile_configs
+from xcompile import targets
+from xcompile.schedules.cuda import SharedMemoryConvGEMM, ThreadDepthwise
+from xcompile.schedules.cuda.conv_gemm import TILES, tile_configs
 
 CUDA = targets.resolve("cuda")
 LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 48 * 1024}
@@ -67,10 +67,10 @@ def check_cuda_rule(rule_cls, func, config=None):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_gemm_matches_unscheduled(case):
     func = conv_kernel(**case)
-    assert Depthwise().apply(func, CUDA.tvm_target()) is None
-    shape = check_cuda_rule(ConvGEMM, func)
+    assert ThreadDepthwise().apply(func, CUDA.tvm_target()) is None
+    shape = check_cuda_rule(SharedMemoryConvGEMM, func)
     n, h, w, f = (int(s) for s in func.params[-1].shape)
-    config = ConvGEMM().all_configs(func, CUDA.tvm_target())[0]
+    config = SharedMemoryConvGEMM().all_configs(func, CUDA.tvm_target())[0]
     # One block per BM x BN output tile, (BM/TM) x (BN/TN) threads in each.
     assert shape["threadIdx.y"] == config.bm // config.tm
     assert shape["threadIdx.x"] == config.bn // config.tn
@@ -80,29 +80,29 @@ def test_conv_gemm_matches_unscheduled(case):
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "x".join(map(str, t)))
 def test_every_gemm_tile_computes_the_same(tile):
     """The tuner's other tiles, on a shape none of them divides."""
-    from schedules.cuda.conv_gemm import TileConfig
+    from xcompile.schedules.cuda.conv_gemm import BlockTile
 
     func = conv_kernel(cin=40, cout=72, size=13, k=3, pad=1, act=nn.SiLU)
-    shape = check_cuda_rule(ConvGEMM, func, TileConfig(*tile))
+    shape = check_cuda_rule(SharedMemoryConvGEMM, func, BlockTile(*tile))
     assert shape["threadIdx.x"] * shape["threadIdx.y"] == (tile[0] // tile[2]) * (tile[1] // tile[3])
 
 
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
 def test_depthwise_matches_unscheduled(case):
     func = depthwise_kernel(**case)
-    assert ConvGEMM().apply(func, CUDA.tvm_target()) is None
-    shape = check_cuda_rule(Depthwise, func)
+    assert SharedMemoryConvGEMM().apply(func, CUDA.tvm_target()) is None
+    shape = check_cuda_rule(ThreadDepthwise, func)
     n, h, w, c = (int(s) for s in func.params[-1].shape)
     assert shape["threadIdx.x"] == 256
     assert shape["blockIdx.x"] == -(-n * h * w * c // 256)  # a thread per output element
 
 
 def test_depthwise_wider_configs_compute_the_same():
-    from schedules.cuda.depthwise import DepthwiseConfig
+    from xcompile.schedules.cuda.depthwise import ThreadTile
 
     func = depthwise_kernel(48, size=31, k=5, stride=2, pad=2, act=nn.SiLU)
-    for config in (DepthwiseConfig(128, 4), DepthwiseConfig(512, 2)):
-        check_cuda_rule(Depthwise, func, config)
+    for config in (ThreadTile(128, 4), ThreadTile(512, 2)):
+        check_cuda_rule(ThreadDepthwise, func, config)
 
 
 def test_default_tile_fills_the_gpu():
@@ -120,18 +120,25 @@ def test_default_tile_fills_the_gpu():
 def test_cuda_rules_decline_what_they_do_not_fit():
     """CPU targets, fp16 operands (DLight's tensor-core rule takes those) and non-conv
     kernels: the rules return None and the next rule in the CUDA list handles them."""
-    import schedules
+    from xcompile import schedules
 
     cuda = CUDA.tvm_target()
     host = targets.resolve("host").tvm_target()
     func = conv_kernel(64, 128, size=19)
-    assert ConvGEMM().apply(func, host) is None and Depthwise().apply(func, host) is None
-    fp16 = lowered_kernels(nn.Conv2d(64, 128, 1), (1, 64, 19, 19), precision="fp16")
+    assert SharedMemoryConvGEMM().apply(func, host) is None and ThreadDepthwise().apply(func, host) is None
+    # (Above 64 in every GEMM dimension: DLight tensorizes nothing smaller.)
+    fp16 = lowered_kernels(nn.Conv2d(128, 256, 1), (1, 128, 19, 19), precision="fp16")
     conv16 = next(f for name, f in fp16.items() if "conv2d" in name)
-    assert ConvGEMM().apply(conv16, cuda) is None
+    assert SharedMemoryConvGEMM().apply(conv16, cuda) is None
     pool = next(iter(lowered_kernels(nn.MaxPool2d(3, 2, 1), (1, 16, 9, 9)).values()))
     rules = schedules.rules_for("cuda")
-    assert [r.name for r in rules][:2] == [ConvGEMM.name, Depthwise.name]
+    assert [r.name for r in rules][:2] == [SharedMemoryConvGEMM.name, ThreadDepthwise.name]
     for target_func in (conv16, pool):
         assert all(rule.apply(target_func, cuda, False) is None for rule in rules[:2])
-        assert any(rule.apply(target_func, cuda, False) is not None for rule in rules[2:])
+    # The fp16 conv goes to DLight's Matmul on tensor cores (mma), not to its fallback.
+    taker, scheduled = next((rule, sch) for rule in rules[2:]
+                            if (sch := rule.apply(conv16, cuda, False)) is not None)
+    assert taker.name == "dlight.gpu.Matmul"
+    (kernel,) = lowered_for_cuda(scheduled.mod["main"])
+    assert "mma" in kernel.script(), "no tensor-core (mma) instruction in the fp16 conv"
+    assert next(rule for rule in rules[2:] if rule.apply(pool, cuda, False) is not None)

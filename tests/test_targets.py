@@ -2,7 +2,7 @@
 
 import pytest
 
-import targets
+from xcompile import targets
 from conftest import run_cli
 from xcompile.errors import XCompileError
 
@@ -44,4 +44,5 @@ def test_targets_command_lists_dicts():
 
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["arm64-neon"]["target"]["mtriple"] == "aarch64-linux-gnu"
-    assert rows["cuda-sm86"]["target"] == {"kind": "cuda", "arch": "sm_86"}
+    assert rows["cuda-sm86"]["target"] == {"kind": "cuda", "arch": "sm_86",
+                                           "max_shared_memory_per_block": 49152}

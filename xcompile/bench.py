@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from xcompile import reference, runtime
+from xcompile import reference, runtime, targets
 from xcompile.errors import XCompileError
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ def _pytorch(builtin: dict, predictor, x):
     from xcompile.models import BuiltinSpec, make_torch_model
 
     model = make_torch_model(BuiltinSpec(**builtin))
-    device = "cuda" if predictor.manifest["target"]["device"] == "cuda" and \
-        torch.cuda.is_available() else "cpu"
+    device = targets.device(predictor.manifest["target"]["device"]).torch_device
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
     model = model.to(device)
     xt = torch.from_numpy(x).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -7,19 +7,19 @@ The folder holds ``module.so`` (the Relax VM executable and its kernels), ``para
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import targets
-from xcompile import frontend, manifest as mf, pipeline
-from xcompile.errors import XCompileError
-from xcompile.files import atomic_dir, sha256_file, writable_parent
-from xcompile.models import BuiltinSpec, export_onnx
+from xcompile import targets
+from xcompile import frontend, pipeline
+from xcompile.errors import XCompileError, first_line
+from xcompile.manifest import MODULE, PARAMS, write_manifest
+from xcompile.files import atomic_dir, cache_dir, sha256_file, writable_parent
+from xcompile.models import BuiltinSpec, resolve_model
+from xcompile.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -54,39 +54,6 @@ class BuildOptions:
                 f"output={self.output}")
 
 
-def cache_dir() -> Path:
-    """Where generated models are kept between commands."""
-    base = os.environ.get("XCOMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xcompile")
-    return Path(base)
-
-
-def builtin_onnx(spec: BuiltinSpec) -> Path:
-    """The ONNX file of a built-in model, generated once into the cache."""
-    if spec.weights:
-        raise XCompileError("export a model with --weights using `xcompile export-model`, "
-                            "then build it with --model")
-    path = cache_dir() / "models" / f"{spec.name}-s{spec.seed}-{spec.input_size}-b{spec.batch}.onnx"
-    if not path.is_file():
-        export_onnx(spec, path)
-    return path
-
-
-def resolve_model(model: str | None, target: str,
-                  batch: int | None) -> tuple[str, BuiltinSpec | None]:
-    """``(ONNX path, built-in spec or None)``: ``model``, or the built-in Xception
-    (generated once into the cache) when it is None. Checks ``target`` and ``batch``."""
-    if batch is not None and batch < 1:
-        raise XCompileError(f"--batch must be >= 1, got {batch}")
-    targets.resolve(target)  # unknown names fail here, before an export
-    if model is None:
-        builtin = BuiltinSpec(batch=batch or 1)
-        return str(builtin_onnx(builtin)), builtin
-    if not Path(model).is_file():
-        raise XCompileError(f"model file not found: {model}")
-    return model, None
-
-
 def resolve_options(model: str | None = None, target: str = targets.HOST,
                     batch: int | None = None, output: str | None = None,
                     custom_schedules: bool = True, cuda_graph: bool = True,
@@ -94,7 +61,8 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                     cuda_arch: str | None = None, precision: str = "fp32",
                     fuse_separable: bool = False) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done."""
-    model_path, builtin = resolve_model(model, target, batch)
+    targets.resolve(target)  # unknown names fail here, before an export
+    model_path, builtin = resolve_model(model, batch)
     if builtin is not None:
         name = f"{builtin.name}-{target}-b{builtin.batch}"
     else:
@@ -105,7 +73,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
         raise XCompileError(f"output {output} exists and is not a folder")
     writable_parent(Path(output))
     if tuning_log is not None and tuning_log.lower() != "none":
-        from xcompile.tuning.log import resolve_folder
+        from xcompile.tuning.log_folder import resolve_folder
 
         resolve_folder(tuning_log, targets.resolve(target).name)  # fails early when absent
     if precision not in pipeline.PRECISIONS:
@@ -113,7 +81,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                             f"got {precision!r}")
     preset = targets.resolve(target)
     archs: tuple[str, ...] = ()
-    if preset.device == "cuda":
+    if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import parse_archs
 
         archs = parse_archs(cuda_arch, preset.target["arch"])
@@ -123,27 +91,6 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                         output=output, custom_schedules=custom_schedules,
                         cuda_graph=cuda_graph, tuning_log=tuning_log, cuda_archs=archs,
                         precision=precision, fuse_separable=fuse_separable)
-
-
-def _versions() -> dict:
-    import tvm
-
-    def dist(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {"tvm": tvm.__version__, "tvm_ffi": dist("apache-tvm-ffi"),
-            "xcompile": dist("xcompile"), "onnx": dist("onnx")}
-
-
-def check_toolchain(preset) -> None:
-    """Fail early when the compiler that links the preset's modules is missing."""
-    if preset.cross_cc and shutil.which(preset.cross_cc) is None:
-        pkg = preset.cross_cc.rsplit("-", 1)[0]
-        raise XCompileError(f"{preset.cross_cc} not found: the {preset.name} target links "
-                            f"with it (Debian/Ubuntu: apt-get install g++-{pkg})")
 
 
 def _export(executable, preset, path: Path) -> None:
@@ -188,7 +135,7 @@ def compile_model(opts: BuildOptions) -> Compiled:
     import tvm
 
     preset = targets.resolve(opts.target)
-    check_toolchain(preset)
+    targets.check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
     tuned = None
@@ -200,22 +147,24 @@ def compile_model(opts: BuildOptions) -> Compiled:
                             precision=opts.precision, fuse_separable=opts.fuse_separable)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
     # CUDA graphs: the VM captures all kernel launches once and replays them.
-    config = {"relax.backend.use_cuda_graph": opts.cuda_graph and preset.device == "cuda"}
+    config = {"relax.backend.use_cuda_graph":
+              opts.cuda_graph and preset.device_kind.captures_graphs}
     gpu_code = contextlib.nullcontext()
-    if preset.device == "cuda":
+    if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import fatbin_codegen
 
         gpu_code = fatbin_codegen(opts.cuda_archs, cache_dir())
     codegen = None
     try:
         with gpu_code as codegen, tvm.transform.PassContext(config=config):
-            executable = tvm.compile(opt.mod, target=preset.tvm_target())
+            executable = tvm.compile(opt.mod, target=preset.tvm_target(),
+                                     relax_pipeline=pipeline.compile_pipeline(preset))
     except XCompileError:
         raise
     except Exception as e:
         if getattr(codegen, "error", None) is not None:  # ours, from inside TVM
             raise codegen.error from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
     log.info("transforming weights (layouts, packed panels)")
     weights = pipeline.transform_weights(opt.weight_stages, imported.params)
@@ -236,9 +185,9 @@ def build(opts: BuildOptions) -> dict:
     log.info("build options: %s", opts.describe())
     c = compile_model(opts)
     with atomic_dir(opts.output) as tmp:
-        _export(c.executable, c.preset, tmp / mf.MODULE)
+        _export(c.executable, c.preset, tmp / MODULE)
         params = dict(zip(c.weight_names, c.weights))
-        (tmp / mf.PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
+        (tmp / PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
         manifest = {
             "model": {"path": str(Path(opts.model).resolve()),
                       "sha256": sha256_file(opts.model),
@@ -246,18 +195,18 @@ def build(opts: BuildOptions) -> dict:
             "inputs": [c.imported.input.to_json()],
             "outputs": [o.to_json() for o in c.imported.outputs],
             "target": c.preset.to_json(),
-            "versions": _versions(),
+            "versions": versions(),
             "options": asdict(opts),
-            "module": mf.MODULE,
-            "params": {"file": mf.PARAMS, "names": c.weight_names,
+            "module": MODULE,
+            "params": {"file": PARAMS, "names": c.weight_names,
                        "onnx_names": c.imported.param_names},
             "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
             "tuning": c.tuning,
-            "gpu_code": _gpu_code(tmp / mf.MODULE, opts),
+            "gpu_code": _gpu_code(tmp / MODULE, opts),
             # Checked before loading: dlopen of a damaged .so can crash the process.
-            "sha256": {name: sha256_file(tmp / name) for name in (mf.MODULE, mf.PARAMS)},
+            "sha256": {name: sha256_file(tmp / name) for name in (MODULE, PARAMS)},
             "build_seconds": round(time.perf_counter() - start, 2),
         }
-        mf.write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
     log.info("built %s in %.1f s", opts.output, manifest["build_seconds"])
     return manifest

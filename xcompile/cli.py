@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from xcompile.errors import XCompileError
+from xcompile.errors import XCompileError, first_line
 
 log = logging.getLogger("xcompile")
 
@@ -37,7 +37,7 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    import targets
+    from xcompile import targets
 
     rows = []
     for name in targets.names():
@@ -128,7 +128,7 @@ def _top5(output) -> list[str]:
 def cmd_run(args) -> int:
     import time
 
-    from targets import detect_arch
+    from xcompile.targets import detect_arch
     from xcompile import reference, runtime
     from xcompile.files import save_npy
     from xcompile.manifest import read_manifest
@@ -220,7 +220,7 @@ def cmd_bench(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    import targets
+    from xcompile import targets
 
     p = argparse.ArgumentParser(prog="xcompile", description=(
         "Compile ONNX CNNs (Xception built in) with Apache TVM for x86, ARM and CUDA."))
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug or an unforeseen TVM failure: still one line
         if args.debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         print(f"error: unexpected {type(e).__name__}: {first} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 3

@@ -90,7 +90,7 @@ def load_cuda_runtime_for_build(cache: Path) -> None:
         stub = _stub_driver(cache / "cuda-stub")
         _STUB_HANDLE = ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
         log.info("no CUDA driver here: building against a stub driver")
-    runtime._load_cuda_runtime()
+    runtime.load_device_runtime("cuda")
 
 
 def nvcc_fatbin(code: str, archs: tuple[str, ...], nvcc: str, keep: Path) -> bytes:

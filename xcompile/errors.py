@@ -21,3 +21,16 @@ class InternalError(XCompileError):
     too, but exit status 3."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when it has none (a bare
+    ``str(e).splitlines()[0]`` fails on an empty message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def last_line(e: BaseException) -> str:
+    """The last line of ``e``'s message (TVM puts its own there), or its type's name."""
+    lines = str(e).strip().splitlines()
+    return lines[-1].strip() if lines else type(e).__name__

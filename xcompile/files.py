@@ -76,6 +76,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cache_dir() -> Path:
+    """Where xcompile keeps what it generates between commands (built-in models, runner
+    builds, the stub CUDA driver): ``$XCOMPILE_CACHE``, else ``$XDG_CACHE_HOME/xcompile``
+    (``~/.cache/xcompile``)."""
+    base = os.environ.get("XCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xcompile")
+    return Path(base)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from xcompile.errors import XCompileError
+from xcompile.errors import XCompileError, first_line
 from xcompile.manifest import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_onnx(path: str | os.PathLike):
         onnx.checker.check_model(model)
     except Exception as e:
         raise XCompileError(f"{path} is not a valid ONNX model: "
-                            f"{str(e).strip().splitlines()[0]}") from e
+                            f"{first_line(e)}") from e
     return model
 
 
@@ -164,8 +164,7 @@ def import_onnx(model, batch: int | None = None, source: str = "model") -> Impor
                         dtype_dict={inner: inp.dtype}, keep_params_in_input=True)
         mod, params = relax.frontend.detach_params(mod)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise XCompileError(f"cannot import {source}: {first}") from e
+        raise XCompileError(f"cannot import {source}: {first_line(e)}") from e
     main = mod["main"]
     param_names = [onnx_names.get(p.name, p.name) for p in main.params[1:]]
     weights = list(params.get("main", []))

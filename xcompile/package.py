@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from xcompile import manifest as mf
+from xcompile.manifest import MANIFEST, read_manifest
 from xcompile import runner
 from xcompile.errors import XCompileError
 from xcompile.files import atomic_dir
@@ -40,9 +40,9 @@ then xcompile.runtime.load("path/to/bundle") (TVM_USE_RUNTIME_LIB=1 loads no com
 def package(build_dir: str | Path, out: str | Path) -> Path:
     """Write the bundle of ``build_dir`` to ``out`` (replacing it; written atomically)."""
     build_dir = Path(build_dir)
-    manifest = mf.read_manifest(build_dir)
+    manifest = read_manifest(build_dir)
     target = manifest["target"]
-    extra = runner.cuda_libs() if target["device"] == "cuda" else []
+    extra = runner.device_libs(target["device"])
     for name in (manifest["module"], manifest["params"]["file"]):
         if not (build_dir / name).is_file():
             raise XCompileError(f"{build_dir} is incomplete: {name} is missing")
@@ -50,7 +50,7 @@ def package(build_dir: str | Path, out: str | Path) -> Path:
     exe = runner.build_runner(arch)
     libs = runner.runtime_libs(arch)
     with atomic_dir(out) as tmp:
-        for name in (mf.MANIFEST, manifest["module"], manifest["params"]["file"]):
+        for name in (MANIFEST, manifest["module"], manifest["params"]["file"]):
             shutil.copy2(build_dir / name, tmp / name)
         shutil.copy2(exe, tmp / RUNNER)
         (tmp / "lib").mkdir()

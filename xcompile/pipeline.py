@@ -55,9 +55,10 @@ def _lift_weights(mod):
     relax.analysis.post_order_visit(
         mod[LIFTED], lambda e: called.add(e) if isinstance(e, tvm.ir.GlobalVar) else None)
     stage = tvm.IRModule({gv: mod[gv] for gv in called})
+    # ``num_input`` stays: it tells later passes which of main's parameters are
+    # weights, static between calls (RewriteCUDAGraph captures only what depends on them).
     main_only = tvm.IRModule({gv: f for gv, f in dce(["main"])(mod).functions_items()
                               if gv.name_hint != LIFTED})
-    main_only["main"] = main_only["main"].without_attr("num_input")
     return main_only, stage
 
 
@@ -85,15 +86,52 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
 
 
 def lowering_passes():
-    """Legalize to TIR and fuse, as one Sequential."""
+    """Legalize to TIR and fuse: Relax's zero pipeline (LegalizeOps, AnnotateTIROpPattern,
+    FoldConstant, FuseOps, FuseTIR), then dead code elimination."""
     import tvm
     from tvm import relax
 
-    t = relax.transform
     return tvm.transform.Sequential(
-        [t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
-         t.FuseTIR(), t.DeadCodeElimination()],
+        [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination()],
         name="xcompile.Lowering")
+
+
+COMPILE_PIPELINE = "xcompile"
+
+
+def compile_pipeline(preset):
+    """The Relax pipeline ``tvm.compile`` runs on an optimized module for ``preset``,
+    registered with ``relax.register_pipeline`` as ``"xcompile"``: the phases of TVM's
+    own pipeline for the preset's backend (library dispatch; dataflow lowering;
+    finalization: memory planning, CUDA graph capture, VM lowering), without its
+    legalization phase, which on GPUs applies DLight's default schedules: our kernels
+    arrive legalized and scheduled. (The phases come from the backend's ``pipeline``
+    module: TVM 0.27's ``relax.pipeline.dataflow_lower_passes`` looks for them in the
+    backend package, which does not export them.)"""
+    import importlib
+
+    from tvm import relax
+    from tvm.relax import pipeline as relax_pipeline
+
+    if COMPILE_PIPELINE not in relax_pipeline.PIPELINE_MAP:
+        @relax.register_pipeline(COMPILE_PIPELINE)
+        def _xcompile(target, backend: str):
+            import tvm
+
+            phases = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+
+            @tvm.transform.module_pass(opt_level=0, name="xcompile.Compile")
+            def _pipeline(mod, _ctx):
+                with target:
+                    return tvm.transform.Sequential(
+                        phases.library_dispatch_passes(target)
+                        + phases.dataflow_lower_passes(target)
+                        + phases.finalize_passes(target))(mod)
+
+            return _pipeline
+
+    return relax.get_pipeline(COMPILE_PIPELINE, target=preset.tvm_target(),
+                              backend=preset.device_kind.relax_backend)
 
 
 def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
@@ -102,7 +140,7 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
     module's PrimFuncs are what the rules schedule and what the tuner tunes.
     ``fuse_separable``: depthwise -> pointwise kernel pairs become one kernel, for the
     families whose rules schedule those."""
-    import schedules
+    from xcompile import schedules
     from xcompile.separable_fusion import fuse_separable as fusion
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
@@ -124,7 +162,7 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
     before the rules take the rest."""
     from tvm import relax
 
-    import schedules
+    from xcompile import schedules
 
     family = preset.family
     rules = (schedules.rules_for(family) if custom_schedules

@@ -27,8 +27,7 @@ def reference_model(manifest: dict, model: str | None = None) -> Path:
         return recorded
     builtin = manifest["model"].get("builtin")
     if builtin:
-        from xcompile.build import builtin_onnx
-        from xcompile.models import BuiltinSpec
+        from xcompile.models import BuiltinSpec, builtin_onnx
 
         path = builtin_onnx(BuiltinSpec(**builtin))
         if sha256_file(path) == want:

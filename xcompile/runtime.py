@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from xcompile import manifest as mf
-from xcompile.errors import XCompileError
+from xcompile.manifest import read_manifest
+from xcompile import targets
+from xcompile.errors import XCompileError, first_line
 from xcompile.files import sha256_file
 from xcompile.manifest import TensorInfo
 
 log = logging.getLogger(__name__)
 
-_CUDA_LOADED = False
+_LOADED_LIBRARIES: set[str] = set()
 
 
 def configure_threads() -> None:
@@ -29,15 +30,12 @@ def configure_threads() -> None:
     TVM halves ``hardware_concurrency()`` on x86 (it assumes hyper-threading), so on a
     2-vCPU machine it runs one thread; and it pins the calling thread to core 0, which
     threads started later in the process (ONNX Runtime's, PyTorch's) inherit. The pool
-    reads these variables once, when it starts, so this runs before any kernel does.
+    reads these variables once, when it starts: this runs before a module is loaded.
     """
-    from targets import host_cores
+    from xcompile.targets import host_cores
 
     os.environ.setdefault("TVM_NUM_THREADS", str(host_cores()))
     os.environ.setdefault("TVM_BIND_THREADS", "0")
-
-
-configure_threads()
 
 
 def _tvm():
@@ -49,28 +47,30 @@ def _tvm():
     return tvm
 
 
-def _load_cuda_runtime() -> None:
-    """Register TVM's CUDA device API (it lives in its own library, loaded on demand)."""
-    global _CUDA_LOADED
-    if _CUDA_LOADED:
+def load_device_runtime(device_name: str) -> None:
+    """Register TVM's device API for ``device_name`` (a device other than the CPU lives
+    in its own runtime library, loaded on demand, once)."""
+    kind = targets.device(device_name)
+    library = kind.runtime_library
+    if library is None or library in _LOADED_LIBRARIES:
         return
     tvm = _tvm()
     from tvm_ffi.libinfo import load_lib_ctypes
 
     try:
-        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
+        load_lib_ctypes("tvm", library, "RTLD_LOCAL",
                         extra_lib_paths=tvm.libinfo.package_lib_paths())
     except (OSError, RuntimeError) as e:
-        raise XCompileError("this module runs on CUDA, but TVM's CUDA runtime cannot load "
-                            f"here: {str(e).strip().splitlines()[0]}") from e
-    _CUDA_LOADED = True
+        raise XCompileError(f"this module runs on {device_name}, but TVM's {library} cannot "
+                            f"load here: {first_line(e)}") from e
+    _LOADED_LIBRARIES.add(library)
 
 
-def cuda_available() -> bool:
-    """Whether this machine has a CUDA GPU that TVM's runtime can use."""
+def device_available(device_name: str) -> bool:
+    """Whether this machine has a ``device_name`` device that TVM's runtime can use."""
     try:
-        _load_cuda_runtime()
-        return bool(_tvm().cuda(0).exist)
+        load_device_runtime(device_name)
+        return bool(_tvm().device(device_name, 0).exist)
     except Exception:  # no driver, no runtime library, no device
         return False
 
@@ -84,19 +84,18 @@ class Predictor:
     def __init__(self, folder: str | Path, device_id: int = 0):
         tvm = _tvm()
         self.folder = Path(folder)
-        self.manifest = mf.read_manifest(self.folder)
+        self.manifest = read_manifest(self.folder)
         m = self.manifest
         self.input = TensorInfo.from_json(m["inputs"][0])
         self.outputs = [TensorInfo.from_json(o) for o in m["outputs"]]
         device = m["target"]["device"]
         arch = m["target"]["arch"]
-        from targets import detect_arch
-
-        if arch != detect_arch():
+        if arch != targets.detect_arch():
             raise XCompileError(f"{self.folder} was built for {arch}; this machine is "
-                                f"{detect_arch()} (run it there, or under emulation)")
-        if device == "cuda":
-            _load_cuda_runtime()
+                                f"{targets.detect_arch()} (run it there, or under emulation)")
+        kind = targets.device(device)
+        configure_threads()
+        load_device_runtime(device)
         module_path = self.folder / m["module"]
         params_path = self.folder / m["params"]["file"]
         sums = m.get("sha256")
@@ -121,12 +120,12 @@ class Predictor:
             lib = tvm.runtime.load_module(str(module_path))
         except Exception as e:
             raise XCompileError(f"cannot load {module_path}: "
-                                f"{str(e).strip().splitlines()[0]}") from e
+                                f"{first_line(e)}") from e
         try:
             params = tvm.runtime.load_param_dict(params_bytes)
         except Exception as e:
             raise XCompileError(f"cannot read {params_path}: "
-                                f"{str(e).strip().splitlines()[0]}") from e
+                                f"{first_line(e)}") from e
         names = m["params"]["names"]
         missing = [n for n in names if n not in params]
         if missing:
@@ -138,7 +137,7 @@ class Predictor:
         self._vm = tvm_vm.VirtualMachine(lib, self.device)
         self._main = self._vm["main"]
         # The weights load on the CPU; other devices get a copy (no numpy round trip).
-        self._params = [params[n] if device == "cpu" else params[n].copyto(self.device)
+        self._params = [params[n] if kind.is_host else params[n].copyto(self.device)
                         for n in names]
 
     def check_input(self, x) -> np.ndarray:

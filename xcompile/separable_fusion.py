@@ -34,7 +34,7 @@ def _kind(func) -> str | None:
     into (stride 1, its input read once), else None (``schedules.analysis`` classifies)."""
     from tvm import s_tir
 
-    from schedules.analysis import DEPTHWISE, POINTWISE, match_conv2d_nhwc, pixel_for_pixel
+    from xcompile.schedules.analysis import DEPTHWISE, POINTWISE, match_conv2d_nhwc, pixel_for_pixel
 
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
@@ -85,7 +85,7 @@ def find_pairs(mod) -> list[tuple]:
     """(depthwise binding, pointwise binding) pairs of ``mod``'s main that can fuse."""
     from tvm import relax
 
-    from schedules.analysis import DEPTHWISE, POINTWISE
+    from xcompile.schedules.analysis import DEPTHWISE, POINTWISE
 
     main = mod["main"]
     uses = _use_counts(main)

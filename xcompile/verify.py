@@ -62,7 +62,7 @@ def verify(folder, model: str | None = None, input_path: str | None = None,
     A build for another architecture (aarch64 here) runs through the C++ runner under
     emulation.
     """
-    from targets import detect_arch
+    from xcompile.targets import detect_arch
 
     manifest = read_manifest(folder)
     rtol = default_rtol(manifest) if rtol is None else rtol

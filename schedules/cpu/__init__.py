@@ -2,9 +2,9 @@
 vector ISA TVM reports; most specific first, the generic fallback last."""
 
 from ..registry import register, register_layout, register_separable_fusion
-from .conv_gemm import ConvGEMM
-from .depthwise import Depthwise
-from .generic import Generic
+from .conv_gemm import PackedConvGEMM
+from .depthwise import VectorDepthwise
+from .generic import Fallback
 from .separable import SeparableConv
 
 # Convolutions in NHWC with HWIO weights: channels are contiguous, so every conv
@@ -14,7 +14,7 @@ CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 for _family in ("x86", "arm"):
     register_layout(_family, CPU_LAYOUT)
     register_separable_fusion(_family, SeparableConv)
-    for _rule in (SeparableConv, ConvGEMM, Depthwise, Generic):
+    for _rule in (SeparableConv, PackedConvGEMM, VectorDepthwise, Fallback):
         register(_family, _rule)
 
-__all__ = ["CPU_LAYOUT", "ConvGEMM", "Depthwise", "Generic", "SeparableConv"]
+__all__ = ["CPU_LAYOUT", "Fallback", "PackedConvGEMM", "SeparableConv", "VectorDepthwise"]

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..rule import ConfigRule
+from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
                         inline_padding, match_conv)
 from .generic import schedule_tail
 from .target_info import cpu_info
 
-LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
 MAX_TILES_PER_CHUNK = 16
 
 
@@ -66,7 +65,7 @@ def chunk_tiles(rows: int, mr: int, threads: int) -> int:
 
 
 @dataclass(frozen=True)
-class GEMMConfig:
+class GEMMTile:
     """MR pixel rows x NU vectors of channels per register tile; MB tiles per chunk."""
 
     mr: int
@@ -75,12 +74,12 @@ class GEMMConfig:
 
 
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
-                 cores: int) -> list[GEMMConfig]:
+                 cores: int) -> list[GEMMTile]:
     """The default tiling (``register_tile``, ``chunk_tiles``) first, then the other
     register tiles that fit (fewer rows, other widths) with a few chunk sizes each: the
     neighbourhood the tuner measures."""
     mr, nu = register_tile(channels, lanes, registers)
-    out = [GEMMConfig(mr, nu, chunk_tiles(rows, mr, cores))]
+    out = [GEMMTile(mr, nu, chunk_tiles(rows, mr, cores))]
     for nu in (1, 2, 3, 4):
         top = min(12, (registers - nu - 1) // nu)
         for mr in sorted({top, top - 2, 4} - {0}, reverse=True):
@@ -88,36 +87,37 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                 continue
             for mb in sorted({chunk_tiles(rows, mr, cores), 2, 4, 8, 16}):
                 if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
-                    config = GEMMConfig(mr, nu, mb)
+                    config = GEMMTile(mr, nu, mb)
                     if config not in out:
                         out.append(config)
     return out
 
 
-class ConvGEMM(ConfigRule):
+class PackedConvGEMM(ConfigRule):
     """Schedule rule: dense (groups=1) NHWC/HWIO convolution -> packed register-tiled GEMM."""
 
-    name = "xcompile.cpu.ConvGEMM"
-    config_type = GEMMConfig
+    name = "xcompile.cpu.PackedConvGEMM"
+    aliases = ("xcompile.cpu.ConvGEMM",)  # its name in earlier manifests and tuning logs
+    config_type = GEMMTile
 
     def match(self, sch, target):
         return match_conv(sch, target, "llvm", (POINTWISE, DENSE), tail=True)
 
-    def configs(self, conv, target) -> list[GEMMConfig]:
+    def configs(self, conv, target) -> list[GEMMTile]:
         info = cpu_info(target)
         n, h, w, f = conv.out_shape
         return gemm_configs(n * h * w, f, info.lanes, info.registers, info.cores)
 
-    def searchable(self, conv, config: GEMMConfig, target) -> bool:
+    def searchable(self, conv, config: GEMMTile, target) -> bool:
         # MetaSchedule times kernels on pre-packed weights and requires the packing block
         # to be a plain copy; zero-padding the channels to whole tiles makes it a select.
         return conv.out_shape[3] % (config.nu * cpu_info(target).lanes) == 0
 
-    def schedule(self, sch, conv, config: GEMMConfig, target) -> None:
+    def schedule(self, sch, conv, config: GEMMTile, target) -> None:
         self._schedule(sch, conv, config, cpu_info(target).lanes)
 
     @staticmethod
-    def _schedule(sch, conv, config: GEMMConfig, lanes: int) -> None:
+    def _schedule(sch, conv, config: GEMMTile, lanes: int) -> None:
         from tvm.tirx import IndexMap
 
         mr, nu, mb = config.mr, config.nu, config.mb

@@ -18,36 +18,37 @@ from .target_info import channel_vector, cpu_info
 
 
 @dataclass(frozen=True)
-class DepthwiseConfig:
+class DepthwiseTile:
     """``vectors`` channel vectors x ``pixels`` output pixels of a row per register tile."""
 
     vectors: int = 1
     pixels: int = 1
 
 
-class Depthwise(ConfigRule):
+class VectorDepthwise(ConfigRule):
     """Schedule rule: depthwise NHWC/HWIO convolution -> channel-vectorized direct conv."""
 
-    name = "xcompile.cpu.Depthwise"
-    config_type = DepthwiseConfig
+    name = "xcompile.cpu.VectorDepthwise"
+    aliases = ("xcompile.cpu.Depthwise",)  # its name in earlier manifests and tuning logs
+    config_type = DepthwiseTile
 
     def match(self, sch, target):
         return match_conv(sch, target, "llvm", (DEPTHWISE,), tail=True)
 
-    def configs(self, conv, target) -> list[DepthwiseConfig]:
+    def configs(self, conv, target) -> list[DepthwiseTile]:
         """One vector x one pixel (the default) first, then wider register tiles that
         divide the channels and the row."""
         _, _, width, channels = conv.out_shape
         lanes = channel_vector(channels, cpu_info(target).lanes)
-        return [DepthwiseConfig(v, p) for v in (1, 2, 4) for p in (1, 2, 4)
+        return [DepthwiseTile(v, p) for v in (1, 2, 4) for p in (1, 2, 4)
                 if channels % (v * lanes) == 0 and width % p == 0]
 
-    def schedule(self, sch, conv, config: DepthwiseConfig, target) -> None:
+    def schedule(self, sch, conv, config: DepthwiseTile, target) -> None:
         lanes = channel_vector(conv.out_shape[3], cpu_info(target).lanes)
         self._schedule(sch, conv, lanes, config)
 
     @staticmethod
-    def _schedule(sch, conv, lanes: int, config: DepthwiseConfig = DepthwiseConfig()) -> None:
+    def _schedule(sch, conv, lanes: int, config: DepthwiseTile = DepthwiseTile()) -> None:
         block = conv.block
         wb = accumulate_locally(sch, conv)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from xcompile.errors import first_line
+
 from ..rule import ConfigRule
 from ..analysis import iter_kinds, root_blocks
 from .target_info import cpu_info
@@ -18,22 +20,25 @@ log = logging.getLogger(__name__)
 MIN_PARALLEL = 4
 
 
-class Generic(ConfigRule):
+class Fallback(ConfigRule):
     """Schedule rule: parallel + vectorized loops for any PrimFunc (any CPU kernel)."""
 
-    name = "xcompile.cpu.Generic"
+    name = "xcompile.cpu.Fallback"
+    aliases = ("xcompile.cpu.Generic",)  # its name in earlier manifests and tuning logs
 
     def match(self, sch, target):
-        return True if target.kind.name == "llvm" else None
+        """The function's blocks under the root (any CPU kernel has some)."""
+        if target.kind.name != "llvm":
+            return None
+        return root_blocks(sch) or None
 
     def configs(self, _found, target) -> list:
         return [None]  # one schedule: nothing here is worth a search
 
-    def schedule(self, sch, _found, _config, target) -> None:
+    def schedule(self, sch, blocks, _config, target) -> None:
         from tvm import s_tir
 
         info = cpu_info(target)
-        blocks = root_blocks(sch)
         for rv in blocks[:-1]:
             if "R" not in iter_kinds(sch.get(rv)):
                 try:
@@ -45,7 +50,7 @@ class Generic(ConfigRule):
                 parallel_vectorized(sch, rv, info.lanes)
             except s_tir.ScheduleError as e:
                 log.debug("%s: left as is (%s)", sch.get(rv).name_hint,
-                          str(e).splitlines()[0])
+                          first_line(e))
 
 
 def parallel_vectorized(sch, rv, lanes: int) -> None:

@@ -1,12 +1,12 @@
 """Fused separable convolution (depthwise, then a 1x1 stride-1 conv of its output) in one
 kernel, from ``xcompile.separable_fusion``.
 
-The pointwise conv is scheduled as ``ConvGEMM`` does it: chunks of output pixels in
+The pointwise conv is scheduled as ``PackedConvGEMM`` does it: chunks of output pixels in
 parallel, each chunk's input rows packed into a panel, then register-tiled. Here the
 panel's rows come straight from the depthwise conv: it is computed per chunk, for exactly
 the chunk's pixels (both convs are indexed by pixel row, ``n*H*W + y*W + x``), into a
 chunk-sized buffer that stays in cache, so the depthwise output never goes to main
-memory. Its schedule within the chunk is ``Depthwise``'s: channel vectors, the window
+memory. Its schedule within the chunk is ``VectorDepthwise``'s: channel vectors, the window
 unrolled, accumulators in registers.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..analysis import accumulate_locally, index_by_pixel_row, match_separable
 from ..rule import ConfigRule
-from .conv_gemm import ConvGEMM, GEMMConfig
+from .conv_gemm import PackedConvGEMM, GEMMTile
 from .target_info import channel_vector, cpu_info
 
 
@@ -23,22 +23,22 @@ class SeparableConv(ConfigRule):
     pixel chunks, each computing its depthwise rows and then its GEMM tiles."""
 
     name = "xcompile.cpu.SeparableConv"
-    config_type = GEMMConfig
+    config_type = GEMMTile
 
     def match(self, sch, target):
         return match_separable(sch) if target.kind.name == "llvm" else None
 
-    def configs(self, sep, target) -> list[GEMMConfig]:
-        return ConvGEMM().configs(sep.pointwise, target)
+    def configs(self, sep, target) -> list[GEMMTile]:
+        return PackedConvGEMM().configs(sep.pointwise, target)
 
     def searchable(self, sep, config, target) -> bool:
-        return ConvGEMM().searchable(sep.pointwise, config, target)
+        return PackedConvGEMM().searchable(sep.pointwise, config, target)
 
-    def schedule(self, sch, sep, config: GEMMConfig, target) -> None:
+    def schedule(self, sch, sep, config: GEMMTile, target) -> None:
         self._schedule(sch, sep, config, cpu_info(target).lanes)
 
     @staticmethod
-    def _schedule(sch, sep, config: GEMMConfig, lanes: int) -> None:
+    def _schedule(sch, sep, config: GEMMTile, lanes: int) -> None:
         """``lanes``: the target's vector width; the GEMM pads channels to it, the
         depthwise rows use the widest whole vectors that divide their channels."""
         from tvm.s_tir import ScheduleError
@@ -53,7 +53,7 @@ class SeparableConv(ConfigRule):
         # that computing them per chunk keeps their bindings affine).
         index_by_pixel_row(sch, dw, wb)
         sch.transform_layout(wb, ("write", 0), lambda b, y, x, c: (b * h * w + y * w + x, c))
-        ConvGEMM._schedule(sch, pw, config, lanes)
+        PackedConvGEMM._schedule(sch, pw, config, lanes)
         # Each chunk computes its own depthwise rows, right before packing them; each row
         # (pixel) all its channels, a vector at a time, then writes them back.
         sch.compute_at(wb, sch.get_loops(pw.block)[0])

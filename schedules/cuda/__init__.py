@@ -6,8 +6,8 @@ the rest. Every CUDA kernel leaves here bound to threads."""
 from __future__ import annotations
 
 from ..registry import register, register_baseline, register_layout
-from .conv_gemm import ConvGEMM
-from .depthwise import Depthwise
+from .conv_gemm import SharedMemoryConvGEMM
+from .depthwise import ThreadDepthwise
 
 # NHWC with HWIO weights: output channels are contiguous, so a warp's loads and stores of
 # neighbouring channels coalesce and the pointwise conv is a row-major GEMM.
@@ -28,10 +28,10 @@ def _dlight(rule_cls_name: str):
 
 
 register_layout("cuda", CUDA_LAYOUT)
-register("cuda", ConvGEMM)
-register("cuda", Depthwise)
+register("cuda", SharedMemoryConvGEMM)
+register("cuda", ThreadDepthwise)
 for _name in DLIGHT_RULES:
     register("cuda", _dlight(_name))
     register_baseline("cuda", _dlight(_name))
 
-__all__ = ["CUDA_LAYOUT", "ConvGEMM", "DLIGHT_RULES", "Depthwise"]
+__all__ = ["CUDA_LAYOUT", "DLIGHT_RULES", "SharedMemoryConvGEMM", "ThreadDepthwise"]

@@ -30,7 +30,7 @@ TILES = ((128, 64, 8, 4), (64, 64, 4, 4), (64, 32, 4, 4), (32, 32, 4, 4))
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class BlockTile:
     """A BM x BN output tile per block, TM x TN per thread, BK-deep shared-memory steps."""
 
     bm: int
@@ -45,15 +45,15 @@ class TileConfig:
         return self.bm // self.tm, self.bn // self.tn
 
 
-def blocks(rows: int, cols: int, config: TileConfig) -> int:
+def blocks(rows: int, cols: int, config: BlockTile) -> int:
     return -(-rows // config.bm) * -(-cols // config.bn)
 
 
 def tile_configs(rows: int, cols: int, max_threads: int, shared_bytes: int,
-                 itemsize: int = 4) -> list[TileConfig]:
+                 itemsize: int = 4) -> list[BlockTile]:
     """Tiles that fit the block limits; the default first: the largest that still gives
     ``TARGET_BLOCKS`` blocks, else the one giving the most."""
-    fits = [TileConfig(*t) for t in TILES
+    fits = [BlockTile(*t) for t in TILES
             if (t[0] // t[2]) * (t[1] // t[3]) <= max_threads
             and (t[0] + t[1]) * BK * itemsize <= shared_bytes]
     full = [c for c in fits if blocks(rows, cols, c) >= TARGET_BLOCKS]
@@ -61,11 +61,12 @@ def tile_configs(rows: int, cols: int, max_threads: int, shared_bytes: int,
     return [default] + [c for c in fits if c != default]
 
 
-class ConvGEMM(GPURule):
+class SharedMemoryConvGEMM(GPURule):
     """Schedule rule: dense NHWC/HWIO float32 convolution -> shared-memory tiled GEMM."""
 
-    name = "xcompile.cuda.ConvGEMM"
-    config_type = TileConfig
+    name = "xcompile.cuda.SharedMemoryConvGEMM"
+    aliases = ("xcompile.cuda.ConvGEMM",)  # its name in earlier manifests and tuning logs
+    config_type = BlockTile
 
     def match(self, sch, target):
         conv = match_conv(sch, target, "cuda", (POINTWISE, DENSE))
@@ -76,12 +77,12 @@ class ConvGEMM(GPURule):
             return None
         return conv
 
-    def configs(self, conv, target) -> list[TileConfig]:
+    def configs(self, conv, target) -> list[BlockTile]:
         info = gpu_info(target)
         n, h, w, f = conv.out_shape
         return tile_configs(n * h * w, f, info.max_threads, info.shared_bytes)
 
-    def schedule(self, sch, conv, config: TileConfig, target) -> None:
+    def schedule(self, sch, conv, config: BlockTile, target) -> None:
         f = conv.out_shape[3]
         c = conv.in_channels
         block = conv.block

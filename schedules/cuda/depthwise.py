@@ -19,29 +19,30 @@ VECTORS = (1, 2, 4)  # channels per thread
 
 
 @dataclass(frozen=True)
-class DepthwiseConfig:
+class ThreadTile:
     """Threads per block; channels per thread (their stores are vectorized)."""
 
     threads: int = 256
     vector: int = 1
 
 
-class Depthwise(GPURule):
+class ThreadDepthwise(GPURule):
     """Schedule rule: depthwise NHWC/HWIO convolution -> one thread per pixel and vector."""
 
-    name = "xcompile.cuda.Depthwise"
-    config_type = DepthwiseConfig
+    name = "xcompile.cuda.ThreadDepthwise"
+    aliases = ("xcompile.cuda.Depthwise",)  # its name in earlier manifests and tuning logs
+    config_type = ThreadTile
 
     def match(self, sch, target):
         return match_conv(sch, target, "cuda", (DEPTHWISE,))
 
-    def configs(self, conv, target) -> list[DepthwiseConfig]:
+    def configs(self, conv, target) -> list[ThreadTile]:
         channels = conv.out_shape[3]
         most = gpu_info(target).max_threads
-        return [DepthwiseConfig(t, v) for v in VECTORS if channels % v == 0
+        return [ThreadTile(t, v) for v in VECTORS if channels % v == 0
                 for t in (256, 128, 512) if t <= most]
 
-    def schedule(self, sch, conv, config: DepthwiseConfig, target) -> None:
+    def schedule(self, sch, conv, config: ThreadTile, target) -> None:
         block = conv.block
         wb = accumulate_locally(sch, conv)
         n, y, x, c, ry, rx, rc = sch.get_loops(block)

@@ -9,8 +9,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from xcompile.errors import XCompileError
-from xcompile.files import atomic_path
+from xcompile.errors import XCompileError, first_line
+from xcompile.files import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _load_weights(model, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise XCompileError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from e
+        raise XCompileError(f"cannot read weights {path}: {first_line(e)}") from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -157,3 +157,27 @@ def export_onnx(spec: BuiltinSpec, out: str | os.PathLike) -> Path:
     log.info("wrote %s (%s, seed %d, %dx%d, batch %d)", out, spec.name, spec.seed,
              spec.input_size, spec.input_size, spec.batch)
     return out
+
+
+def builtin_onnx(spec: BuiltinSpec) -> Path:
+    """The ONNX file of a built-in model, generated once into the cache."""
+    if spec.weights:
+        raise XCompileError("export a model with --weights using `xcompile export-model`, "
+                            "then build it with --model")
+    path = cache_dir() / "models" / f"{spec.name}-s{spec.seed}-{spec.input_size}-b{spec.batch}.onnx"
+    if not path.is_file():
+        export_onnx(spec, path)
+    return path
+
+
+def resolve_model(model: str | None, batch: int | None) -> tuple[str, BuiltinSpec | None]:
+    """``(ONNX path, built-in spec or None)`` a command compiles: ``model``, or the
+    built-in Xception (generated once into the cache) when it is None."""
+    if batch is not None and batch < 1:
+        raise XCompileError(f"--batch must be >= 1, got {batch}")
+    if model is None:
+        builtin = BuiltinSpec(batch=batch or 1)
+        return str(builtin_onnx(builtin)), builtin
+    if not Path(model).is_file():
+        raise XCompileError(f"model file not found: {model}")
+    return model, None

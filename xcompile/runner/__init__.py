@@ -18,8 +18,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from xcompile import targets
 from xcompile.errors import XCompileError
-from xcompile.files import atomic_path
+from xcompile.files import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ class Toolchain:
     emulator: list[str]  # prefix for running on this machine; empty when native
 
 
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"
+
+
 def toolchain(arch: str) -> Toolchain:
     """The compiler (and emulator) for ``arch``, with a clear error when missing."""
-    from targets import detect_arch
-
-    if arch == detect_arch():
+    if arch == targets.detect_arch():
         tc = Toolchain(arch, os.environ.get("CXX", "g++"), [])
     elif arch == "aarch64":
         tc = Toolchain(arch, "aarch64-linux-gnu-g++",
@@ -57,19 +61,12 @@ def toolchain(arch: str) -> Toolchain:
 
 
 def _cache() -> Path:
-    from xcompile.build import cache_dir
-
     return cache_dir() / "runner"
-
-
-CUDART = "libcudart.so.13"  # what libtvm_runtime_cuda.so of apache-tvm 0.27 links
 
 
 def runtime_libs(arch: str) -> Path:
     """A folder holding libtvm_runtime.so and libtvm_ffi.so for ``arch``."""
-    from targets import detect_arch
-
-    if arch == detect_arch():
+    if arch == targets.detect_arch():
         import tvm
         import tvm_ffi
 
@@ -85,22 +82,29 @@ def runtime_libs(arch: str) -> Path:
     return _foreign_libs(arch)
 
 
-def cuda_libs() -> list[Path]:
-    """What a CUDA build needs besides the CPU runtime: TVM's CUDA runtime library and
-    the CUDA runtime it links (from the CUDA toolkit; the driver comes with the GPU)."""
+def device_libs(device_name: str) -> list[Path]:
+    """What a build for ``device_name`` needs besides the CPU runtime: TVM's runtime
+    library for the device and the libraries it links (for CUDA the CUDA runtime, from
+    the toolkit; the driver comes with the GPU). None for the CPU."""
     import tvm
 
-    found = [Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"]
+    kind = targets.device(device_name)
+    if kind.runtime_library is None:
+        return []
+    found = [Path(tvm.__file__).parent / "lib" / f"lib{kind.runtime_library}.so"]
     nvcc = shutil.which("nvcc")
     roots = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
     roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     roots += [Path("/usr/local/cuda")]
-    for root in roots:
-        for sub in ("lib", "lib64", "targets/x86_64-linux/lib"):
-            cudart = root / sub / CUDART
-            if cudart.is_file():
-                return found + [cudart]
-    raise XCompileError(f"{CUDART} not found (it comes with the CUDA toolkit; set CUDA_HOME)")
+    for dependency in kind.runtime_dependencies:
+        where = (root / sub / dependency for root in roots
+                 for sub in ("lib", "lib64", "targets/x86_64-linux/lib"))
+        path = next((p for p in where if p.is_file()), None)
+        if path is None:
+            raise XCompileError(f"{dependency} not found (it comes with the CUDA toolkit; set "
+                                "CUDA_HOME)")
+        found.append(path)
+    return found
 
 
 def _foreign_libs(arch: str) -> Path:
@@ -116,7 +120,7 @@ def _foreign_libs(arch: str) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise XCompileError(f"cannot download the {arch} TVM runtime wheels: "
-                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+                            f"{_last_line(proc.stderr)}")
     folder.mkdir(parents=True, exist_ok=True)
     for wheel in wheels.glob("*.whl"):
         with zipfile.ZipFile(wheel) as zf:
@@ -150,7 +154,7 @@ def build_runner(arch: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise XCompileError(f"building the {arch} runner failed: "
-                                f"{proc.stderr.strip().splitlines()[0]}")
+                                f"{_last_line(proc.stderr)}")
         tmp.chmod(0o755)
     return exe
 

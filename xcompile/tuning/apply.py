@@ -8,11 +8,11 @@ import json
 import logging
 from pathlib import Path
 
-from schedules import rule_name
+from xcompile.schedules import rule_name, rules_by_name, tag_scheduled
 
-from xcompile.errors import XCompileError
+from xcompile.errors import XCompileError, last_line
 
-from . import log as tlog
+from . import log_folder
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,16 @@ class TunedKernels:
 
     def __init__(self, folder: Path, key: str, rules: list):
         self.folder = folder
-        manifest = tlog.read_manifest(folder)
+        manifest = log_folder.read_manifest(folder)
         if manifest is None:
-            raise XCompileError(f"tuning log {folder} has no {tlog.MANIFEST}: not an xcompile "
+            raise XCompileError(f"tuning log {folder} has no {log_folder.MANIFEST}: not an xcompile "
                                 "tuning log")
-        tlog.check_target(folder, manifest, key)
-        contents = tlog.read_log(folder, key)
+        log_folder.check_target(folder, manifest, key)
+        contents = log_folder.read_log(folder, key)
         self.workloads = contents.workloads
         self.records = contents.best()
         self.tasks = manifest.get("tasks", {})
-        self.rules = {rule_name(r): r for r in rules}
+        self.rules = rules_by_name(rules)
         self.applied: dict[str, str] = {}  # kernel -> what scheduled it
         self.kept: list[str] = []  # kernels whose default schedule was the fastest
 
@@ -99,7 +99,7 @@ class TunedKernels:
             s_tir.Trace.apply_json_to_schedule(rec.raw[1][0], sch)
         except Exception as e:  # a damaged record: the next best may apply
             log.warning("tuning log %s: a record for %s does not apply (%s); skipped",
-                        self.folder, name, str(e).strip().splitlines()[-1][:120])
+                        self.folder, name, last_line(e)[:120])
             return None
         return sch.mod["main"]
 
@@ -107,8 +107,6 @@ class TunedKernels:
         """A module pass scheduling every kernel this log has a winning record for."""
         import tvm
         from tvm import tirx
-
-        from schedules.registry import RULE_ATTR
 
         @tvm.transform.module_pass(opt_level=0, name="xcompile.ApplyTuningLog")
         def _pass(mod, _ctx):
@@ -118,8 +116,7 @@ class TunedKernels:
                 found = self.schedule(gvar.name_hint, func)
                 if found is not None:
                     tuned, label = found
-                    mod[gvar] = (tuned.with_attr("tirx.is_scheduled", True)
-                                 .with_attr(RULE_ATTR, label))
+                    mod[gvar] = tag_scheduled(tuned, label)
             log.info("tuning log %s: %d kernels tuned, %d kept our schedule", self.folder,
                      len(self.applied), len(self.kept))
             return mod
@@ -153,10 +150,10 @@ def shipped_log(key: str) -> Path | None:
         return None
     for folder in sorted(p for p in SHIPPED.iterdir() if p.is_dir()):
         try:
-            manifest = tlog.read_manifest(folder)
+            manifest = log_folder.read_manifest(folder)
         except XCompileError:
             continue
-        if manifest and tlog.target_key(manifest["target"]["tvm"]) == key:
+        if manifest and log_folder.target_key(manifest["target"]["tvm"]) == key:
             return folder
     return None
 
@@ -164,9 +161,9 @@ def shipped_log(key: str) -> Path | None:
 def load_for_build(spec: str | None, preset) -> TunedKernels | None:
     """``spec``: a log folder (its own or holding ``<preset>/``), ``"none"``, or None for
     the shipped log of this target when there is one."""
-    import schedules
+    from xcompile import schedules
 
-    key = tlog.target_key(preset.tvm_target())
+    key = log_folder.target_key(preset.tvm_target())
     if spec is not None and spec.lower() == "none":
         return None
     rules = schedules.rules_for(preset.family)
@@ -176,4 +173,4 @@ def load_for_build(spec: str | None, preset) -> TunedKernels | None:
             return None
         log.info("using the shipped tuning log %s", folder.name)
         return TunedKernels(folder, key, rules)
-    return TunedKernels(tlog.resolve_folder(spec, preset.name), key, rules)
+    return TunedKernels(log_folder.resolve_folder(spec, preset.name), key, rules)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from schedules.cpu.conv_gemm import LAYOUT_REWRITE
+from xcompile.schedules import LAYOUT_REWRITE
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,13 @@ def default_module(task, rule, target):
     return tvm.IRModule({"main": prepacked(sch.mod["main"].with_attr("global_symbol", "main"))})
 
 
-def measure(builder, runner, mods: list, target) -> list[float | None]:
-    """Mean milliseconds of each module's ``main`` (None where building or running it
-    failed), through the tuner's own builder and runner."""
+def measure(builder, runner, mods: list, target, device: str) -> list[float | None]:
+    """Mean milliseconds of each module's ``main`` on ``device`` (None where building or
+    running it failed), through the tuner's own builder and runner."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    device = "cuda" if target.kind.name == "cuda" else "cpu"
     built = builder.build([BuilderInput(m, target) for m in mods])
     order, inputs = [], []
     for i, (m, b) in enumerate(zip(mods, built)):

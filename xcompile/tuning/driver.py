@@ -16,18 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import schedules
-import targets
+from xcompile import schedules
+from xcompile import targets
 from xcompile import frontend, pipeline
-from xcompile.build import _versions, check_toolchain, resolve_model
-from xcompile.errors import XCompileError
+from xcompile.errors import XCompileError, last_line
 from xcompile.files import sha256_file, writable_parent
-from xcompile.models import BuiltinSpec
+from xcompile.models import BuiltinSpec, resolve_model
+from xcompile.versions import versions
 
 from . import baseline, grid, measure, scheduler, space
-from . import log as tlog
-from . import progress as prog
-from . import tasks as tk
+from . import log_folder
+from . import progress
+from . import tasks
 from .apply import workload_hash
 
 log = logging.getLogger(__name__)
@@ -86,20 +86,20 @@ def resolve_tune_options(model: str | None = None, target: str = targets.HOST,
     if not rpc_tracker:
         _check_local_device(preset)
     writable_parent(Path(log_dir) / preset.name)
-    model_path, builtin = resolve_model(model, target, batch)
+    model_path, builtin = resolve_model(model, batch)
     return TuneOptions(model_path, builtin, target, batch, trials, trials_per_task, tasks,
                        log_dir, rpc_tracker, rpc_key, search)
 
 
 def _check_local_device(preset) -> None:
     """Candidates are timed on this machine: it must be able to run them."""
-    if preset.device == "cuda":
-        from xcompile.runtime import cuda_available
+    if not preset.device_kind.is_host:
+        from xcompile.runtime import device_available
 
-        if not cuda_available():
-            raise XCompileError(f"{preset.name} tuning times candidates on a GPU and this "
-                                "machine has none; tune on a GPU machine or give "
-                                "--rpc-tracker/--rpc-key")
+        if not device_available(preset.device):
+            raise XCompileError(f"{preset.name} tuning times candidates on a {preset.device} "
+                                "device and this machine has none; tune on such a machine or "
+                                "give --rpc-tracker/--rpc-key")
     elif preset.arch != targets.detect_arch():
         raise XCompileError(f"{preset.name} code does not run on this {targets.detect_arch()} "
                             "machine; measure on the device with --rpc-tracker/--rpc-key")
@@ -111,8 +111,8 @@ def _check_local_device(preset) -> None:
 def _new_manifest(preset, key: str) -> dict:
     import json
 
-    return {"format": tlog.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
-            "versions": _versions(), "models": {}, "tasks": {}, "trials": 0,
+    return {"format": log_folder.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
+            "versions": versions(), "models": {}, "tasks": {}, "trials": 0,
             "wall_seconds": 0.0, "runs": []}
 
 
@@ -128,28 +128,28 @@ def tune(opts: TuneOptions) -> dict:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     preset = targets.resolve(opts.target)
     if opts.rpc_tracker:
-        check_toolchain(preset)
+        targets.check_toolchain(preset)
     target = preset.tvm_target()
-    key = tlog.target_key(target)
+    key = log_folder.target_key(target)
     imported = frontend.import_onnx(frontend.load_onnx(opts.model), batch=opts.batch,
                                     source=opts.model)
     lowered, _ = pipeline.lower(imported.mod, preset)
-    all_tasks = tk.extract(lowered, target)
-    chosen = tk.select(all_tasks, opts.tasks)
+    all_tasks = tasks.extract(lowered, target)
+    chosen = tasks.select(all_tasks, opts.tasks)
     hashes = {t.name: workload_hash(t.mod["main"]) for t in all_tasks}
 
     folder = Path(opts.log_dir) / preset.name
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = tlog.read_manifest(folder)
-    tlog.check_target(folder, manifest, key)
-    contents = tlog.read_log(folder, key)
-    tlog.rewrite_clean(folder, contents)
+    manifest = log_folder.read_manifest(folder)
+    log_folder.check_target(folder, manifest, key)
+    contents = log_folder.read_log(folder, key)
+    log_folder.rewrite_clean(folder, contents)
     manifest = manifest or _new_manifest(preset, key)
     manifest["models"][sha256_file(opts.model)] = {
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
         "builtin": opts.builtin.to_json() if opts.builtin else None}
 
-    space.import_tensor_intrinsics(preset.device)
+    space.register_tensor_intrinsics(preset.device)
     rules = schedules.rules_for(preset.family)
     cores = int(target.attrs.get("num-cores", targets.host_cores()))
     builder = measure.make_builder(target, cores, preset.cross_cc if opts.rpc_tracker else None)
@@ -158,45 +158,45 @@ def tune(opts: TuneOptions) -> dict:
     interrupted = False
     try:
         entries = manifest["tasks"]
-        by_name = {schedules.rule_name(r): r for r in rules}
-        _baselines(entries, all_tasks, hashes, rules, target, builder, runner)
-        tlog.write_manifest(folder, manifest)
+        by_name = schedules.rules_by_name(rules)
+        _baselines(entries, all_tasks, hashes, rules, target, preset.device, builder, runner)
+        log_folder.write_manifest(folder, manifest)
         records = contents.best()
         done = {t.name: len(records.get(hashes[t.name], []))
                 + len(entries[hashes[t.name]].get("configs", {})) for t in chosen}
         best = _best_ms(entries, all_tasks, hashes, records)
-        progress = prog.Progress(best, {t.name: t.weight for t in all_tasks},
-                                 sum(done.values()), opts.trials, folder / tlog.CURVE_CSV,
+        run_progress = progress.Progress(best, {t.name: t.weight for t in all_tasks},
+                                 sum(done.values()), opts.trials, folder / log_folder.CURVE_CSV,
                                  float(manifest.get("wall_seconds", 0.0)))
         remaining = opts.trials - sum(done.values())
         if remaining > 0:
             # Our configurations first (half the budget when MetaSchedule's space
             # follows): cheap to build, and the search then starts from their best.
             share = remaining // 2 if opts.search else remaining
-            remaining -= grid.run_grid(chosen, entries, hashes, by_name, target, builder,
-                                       runner, share, progress,
+            remaining -= grid.run_grid(chosen, entries, hashes, by_name, target,
+                                       preset.device, builder, runner, share, run_progress,
                                        per_task=opts.trials_per_task or share,
-                                       save=lambda: tlog.write_manifest(folder, manifest))
+                                       save=lambda: log_folder.write_manifest(folder, manifest))
         cap = opts.trials_per_task or opts.trials  # per task, in this run
         todo = list(chosen)
         if remaining <= 0 or not opts.search:
             log.info("%d trials in the log for these tasks; no search to run",
-                     progress.trials)
+                     run_progress.trials)
         else:
             log.info("MetaSchedule search over %d tasks, %d trials", len(todo), remaining)
             contexts = [_context(t, by_name.get(entries[hashes[t.name]].get("rule")), target)
                         for t in todo]
             try:
                 database = ms.database.JSONDatabase(
-                    path_workload=str(folder / tlog.WORKLOADS),
-                    path_tuning_record=str(folder / tlog.RECORDS), allow_missing=True)
+                    path_workload=str(folder / log_folder.WORKLOADS),
+                    path_tuning_record=str(folder / log_folder.RECORDS), allow_missing=True)
             except Exception as e:
                 raise XCompileError(f"tuning log {folder} is damaged: "
-                                    f"{str(e).strip().splitlines()[-1][:200]}") from e
+                                    f"{last_line(e)[:200]}") from e
             callbacks = [ms.measure_callback.AddToDatabase(),
                          ms.measure_callback.RemoveBuildArtifact(),
                          ms.measure_callback.UpdateCostModel(),
-                         prog.callback(progress, [t.name for t in todo])]
+                         progress.callback(run_progress, [t.name for t in todo])]
             per_iter = TRIALS_PER_ITER
             if remaining < per_iter * len(todo):  # a small budget: every task gets some
                 per_iter = cap = min(cap, -(-remaining // len(todo)))
@@ -208,7 +208,7 @@ def tune(opts: TuneOptions) -> dict:
                           measure_callbacks=callbacks,
                           task_scheduler=scheduler.joined_scheduler(
                               [float(t.weight) for t in todo],
-                              lambda i: progress.best_ms.get(todo[i].name, 1.0)))
+                              lambda i: run_progress.best_ms.get(todo[i].name, 1.0)))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -218,11 +218,11 @@ def tune(opts: TuneOptions) -> dict:
         builder.close()
         if hasattr(runner, "close"):
             runner.close()
-    contents = tlog.read_log(folder, key)
+    contents = log_folder.read_log(folder, key)
     _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts)
-    tlog.write_manifest(folder, manifest)
-    if (folder / tlog.CURVE_CSV).is_file():
-        prog.plot(folder / tlog.CURVE_CSV, folder / tlog.CURVE_PNG,
+    log_folder.write_manifest(folder, manifest)
+    if (folder / log_folder.CURVE_CSV).is_file():
+        progress.plot(folder / log_folder.CURVE_CSV, folder / log_folder.CURVE_PNG,
                   f"{Path(opts.model).name} on {preset.name}: estimated latency vs trials")
     if interrupted:
         raise Interrupted(f"interrupted; the log {folder} keeps {manifest['trials']} trials; "
@@ -233,14 +233,14 @@ def tune(opts: TuneOptions) -> dict:
 def _context(task, rule, target):
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.TuneContext(
-        mod=task.mod, target=target, space_generator=space.design_space(rule, target),
-        search_strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=128, init_min_unmeasured=32, genetic_num_iters=2),
-        task_name=task.name, num_threads=int(target.attrs.get("num-cores", 1)))
+    return space.tune_context(
+        task.mod, target, space.design_space(rule, target),
+        ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=32,
+                                              genetic_num_iters=2),
+        task.name, int(target.attrs.get("num-cores", 1)))
 
 
-def _baselines(entries, all_tasks, hashes, rules, target, builder, runner) -> None:
+def _baselines(entries, all_tasks, hashes, rules, target, device, builder, runner) -> None:
     """Time our default schedule of every task not timed before (all of the model's
     kernels: the model estimate needs them)."""
     missing = [t for t in all_tasks if entries.get(hashes[t.name], {}).get("baseline_ms") is None]
@@ -256,7 +256,7 @@ def _baselines(entries, all_tasks, hashes, rules, target, builder, runner) -> No
             plans.append((name, *found[0]))
         else:
             plans.append((name, None, baseline.default_module(t, rule, target)))
-    times = baseline.measure(builder, runner, [p[2] for p in plans], target)
+    times = baseline.measure(builder, runner, [p[2] for p in plans], target, device)
     for t, (rule, key, _), ms_ in zip(missing, plans, times):
         entry = {"name": t.name, "kind": t.kind, "calls": t.weight, "flops": t.flops,
                  "rule": rule, "baseline_ms": ms_}
@@ -299,4 +299,4 @@ def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opt
     manifest["wall_seconds"] = round(float(manifest.get("wall_seconds", 0.0)) + seconds, 1)
     manifest["runs"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "seconds": round(seconds, 1), "options": opts.describe()})
-    manifest["versions"] = _versions()
+    manifest["versions"] = versions()

@@ -41,8 +41,8 @@ def candidates(task, rule, target, skip=(), limit: int | None = None
     return out
 
 
-def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, builder,
-             runner, budget: int, progress, per_task: int | None = None,
+def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, device: str,
+             builder, runner, budget: int, progress, per_task: int | None = None,
              batch: int = 32, save=lambda: None) -> int:
     """Time untimed configurations of the ``chosen`` tasks, at most ``budget`` of them
     and ``per_task`` per task: an equal share each first, then what is left to the
@@ -61,14 +61,14 @@ def run_grid(chosen, entries: dict, hashes: dict, rules_by_name: dict, target, b
             if left <= 0:
                 continue
             n = _time_task(task, entries[hashes[task.name]], rules_by_name, target,
-                           builder, runner, left, progress, batch, save)
+                           device, builder, runner, left, progress, batch, save)
             used[task.name] += n
             spent += n
     return spent
 
 
-def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progress,
-               batch, save) -> int:
+def _time_task(task, entry, rules_by_name, target, device, builder, runner, limit,
+               progress, batch, save) -> int:
     rule = rules_by_name.get(entry.get("rule"))
     if rule is None or not hasattr(rule, "all_configs"):
         return 0
@@ -76,7 +76,7 @@ def _time_task(task, entry, rules_by_name, target, builder, runner, limit, progr
     todo = candidates(task, rule, target, skip=timed, limit=limit)
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
-        times = measure(builder, runner, [m for _, m in part], target)
+        times = measure(builder, runner, [m for _, m in part], target, device)
         for (key, _), ms in zip(part, times):
             timed[key] = ms
         save()

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 60.0
+# Jobs a worker serves before it is replaced (a fresh one imports TVM again, ~3 s): see
+# the README's tuning notes for the memory growth these bound.
+BUILDER_MAX_USES = 2000
+RUNNER_MAX_USES = 2000
 # A candidate whose first call takes this many times the fastest time of its task is
 # not measured further (its first-call time is what the log gets).
 REJECT_FACTOR = 3.0
@@ -74,10 +78,9 @@ def run_job(path: str, args_info: list, evaluator: Evaluator, device: str,
     import numpy as np
     import tvm
 
-    if device == "cuda":
-        from xcompile.runtime import _load_cuda_runtime
+    from xcompile.runtime import load_device_runtime
 
-        _load_cuda_runtime()
+    load_device_runtime(device)
     dev = tvm.device(device)
     lib = tvm.runtime.load_module(path)
     key = (device, json.dumps(args_info))
@@ -121,7 +124,8 @@ def make_builder(target, cores: int, cross_cc: str | None = None):
     class PoolBuilder(PyBuilder):
         def __init__(self):
             super().__init__()
-            self.pool = WorkerPool(cores, {"TVM_NUM_THREADS": "1"})
+            self.pool = WorkerPool(cores, {"TVM_NUM_THREADS": "1"}, BUILD_TIMEOUT_S,
+                                   BUILDER_MAX_USES)
             self.dir = tempfile.mkdtemp(prefix="xcompile-tune-")
             self.seconds = 0.0  # wall time spent building, for the progress report
 
@@ -134,7 +138,7 @@ def make_builder(target, cores: int, cross_cc: str | None = None):
                 # One folder per candidate: MetaSchedule's clean-up removes the folder.
                 path = os.path.join(tempfile.mkdtemp(dir=self.dir), "candidate.so")
                 jobs.append((tvm.ir.save_json(inp.mod), target_json, path, cross_cc))
-            done = self.pool.map(build_job, jobs, BUILD_TIMEOUT_S)
+            done = self.pool.map(build_job, jobs)
             self.seconds += time.perf_counter() - start
             return [BuilderResult(value, None) if ok else BuilderResult(None, str(value))
                     for ok, value in done]
@@ -168,7 +172,8 @@ def make_local_runner(cores: int, device: str = "cpu", evaluator: Evaluator = Ev
     class PoolRunner(PyRunner):
         def __init__(self):
             super().__init__()
-            self.pool = WorkerPool(1, {"TVM_NUM_THREADS": str(cores), "TVM_BIND_THREADS": "0"})
+            self.pool = WorkerPool(1, {"TVM_NUM_THREADS": str(cores), "TVM_BIND_THREADS": "0"},
+                                   RUN_TIMEOUT_S, RUNNER_MAX_USES)
             self.seconds = 0.0  # wall time spent measuring
             self.best: dict[str, float] = {}  # argument signature -> fastest seconds
 
@@ -182,7 +187,7 @@ def make_local_runner(cores: int, device: str = "cpu", evaluator: Evaluator = Ev
                 sigs.append(sig)
                 jobs.append((inp.artifact_path, info, evaluator, device,
                              REJECT_FACTOR * best if best else None))
-            done = self.pool.map(run_job, jobs, RUN_TIMEOUT_S)
+            done = self.pool.map(run_job, jobs)
             for sig, (ok, value) in zip(sigs, done):
                 if ok and len(value) > 1:
                     mean = sum(value) / len(value)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 from pathlib import Path
+
+from xcompile import targets
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +70,46 @@ def search_rules(target):
     return rules
 
 
-def import_tensor_intrinsics(device: str) -> None:
-    """Register the tensor intrinsics MetaSchedule's rules may use for ``device``.
+def register_tensor_intrinsics(device: str) -> None:
+    """Register the tensor intrinsics MetaSchedule's rules may use on ``device`` (its
+    ``tensor_intrinsics`` modules of ``tvm.s_tir.tensor_intrin``).
 
-    ``TuneContext`` imports the whole ``tvm.s_tir.tensor_intrin`` package: 37 s on these
-    machines, 25 s of it CUDA's. CPU tuning needs only the CPU intrinsics, so the package
-    is entered without running its ``__init__`` and only those are imported.
-    """
-    import importlib
+    The package's ``__init__`` runs every module of it: 30 s here, 25 s of it CUDA's,
+    where CPU tuning needs the x86 and ARM ones (0.2 s). Each module is run once, under
+    its own name and entered in ``sys.modules`` as a normal import would enter it: an
+    import of the whole package later in the process finds it there and runs only the
+    others (no intrinsic is registered twice, none is missing)."""
+    import importlib.util
 
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    if device == "cuda":
-        importlib.import_module(name)
-        return
     import tvm.s_tir
 
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
-    pkg.__package__ = name
-    sys.modules[name] = pkg
-    for sub in ("x86", "arm_cpu"):
-        importlib.import_module(f"{name}.{sub}")
+    folder = Path(tvm.s_tir.__file__).parent / "tensor_intrin"
+    for sub in targets.device(device).tensor_intrinsics:
+        name = f"tvm.s_tir.tensor_intrin.{sub}"
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, folder / f"{sub}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
+def tune_context(mod, target, space_generator, search_strategy, task_name: str,
+                 num_threads: int):
+    """MetaSchedule's ``TuneContext``, made as its ``__init__`` makes it except for that
+    method's first statement, ``import tvm.s_tir.tensor_intrin`` (the whole package, 30
+    s: see ``register_tensor_intrinsics``, which the driver calls instead)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
+
+    context = ms.TuneContext.__new__(ms.TuneContext)
+    context.__init_handle_by_constructor__(
+        _ffi_api.TuneContext, mod, target, space_generator, search_strategy, task_name,
+        num_threads, -1, get_logging_func(get_logger("tvm.s_tir.meta_schedule")))
+    _ffi_api.TuneContextInitialize(context)
+    return context

@@ -29,7 +29,7 @@ def extract(mod, target) -> list[Task]:
     from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
-    from schedules.analysis import classify
+    from xcompile.schedules.analysis import classify
 
     tasks = []
     for t in ms.relax_integration.extract_tasks(mod, target):
@@ -43,7 +43,7 @@ def extract(mod, target) -> list[Task]:
 def select(tasks: list[Task], which: str) -> list[Task]:
     """``separable`` (depthwise and pointwise convs, and fused pairs of them), ``all``,
     or the tasks whose name matches the regular expression ``which``; never empty."""
-    from schedules.analysis import DEPTHWISE, POINTWISE, SEPARABLE
+    from xcompile.schedules.analysis import DEPTHWISE, POINTWISE, SEPARABLE
 
     if which == "separable":
         chosen = [t for t in tasks if t.kind in (DEPTHWISE, POINTWISE, SEPARABLE)]

@@ -1,90 +1,82 @@
-"""Persistent worker processes for the tuner.
+"""Worker processes for the tuner: TVM's ``PopenPoolExecutor``, kept for the whole run.
 
-MetaSchedule's own builder starts fresh worker processes on every batch, and each spends
-tens of seconds importing TVM's tensor intrinsics; here workers are spawned once, import
-TVM once, and serve every batch. A worker that crashes (a bad candidate can segfault)
-or hangs is replaced, and only the candidate that caused it is reported as failed.
+MetaSchedule's own ``LocalBuilder`` starts a fresh pool for every batch, and each worker
+spends tens of seconds importing TVM's tensor intrinsics (about 16 trials a minute
+here); these workers start once, import TVM once (the initializer), and serve every
+batch. What the pool does for us: a worker that crashes on a candidate (a bad schedule
+can segfault) or runs past the timeout is killed and restarted on the next job, and
+only that job fails; ``maximum_process_uses`` restarts a worker after that many jobs,
+bounding what a long run can leak in it. What we add: each worker dies with the tuner
+(``PR_SET_PDEATHSIG``), even in the middle of a job, so a ``kill -9`` of ``tune``
+leaves no worker behind.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
+
+from xcompile.errors import last_line
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when the process that started it ends (Linux;
+    elsewhere the worker ends when its pipe to the tuner closes, after its job)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the tuner ended before the line above ran
+        os._exit(1)
+
 
 def _init_worker(env: dict[str, str]) -> None:
+    _die_with_parent()
     os.environ.update(env)
-    import tvm  # noqa: F401  (import once, here, not per task)
+    import tvm  # noqa: F401  (import once, here, not per job)
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"
+    return f"{type(e).__name__}: {last_line(e)}"
 
 
 class WorkerPool:
-    """``workers`` spawned processes with ``env`` set before TVM loads in them."""
+    """``workers`` processes with ``env`` set before TVM loads in them; each job gets
+    ``timeout`` seconds; a process is replaced after ``max_uses`` jobs."""
 
-    def __init__(self, workers: int, env: dict[str, str] | None = None):
-        self.workers = workers
-        self.env = dict(env or {})
-        self._pool: ProcessPoolExecutor | None = None
+    def __init__(self, workers: int, env: dict[str, str] | None = None,
+                 timeout: float | None = None, max_uses: int | None = None):
+        from tvm.support.popen_pool import PopenPoolExecutor
 
-    def _start(self, workers: int | None = None) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers or self.workers,
-                                   mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.env,))
+        self._pool = PopenPoolExecutor(max_workers=workers, timeout=timeout,
+                                       initializer=_init_worker, initargs=(dict(env or {}),),
+                                       maximum_process_uses=max_uses)
+        self.timeout = timeout
 
-    def _kill(self, pool: ProcessPoolExecutor) -> None:
-        # A hung worker cannot be cancelled; end the processes themselves.
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    def map(self, fn, jobs: list[tuple], timeout: float) -> list[tuple[bool, object]]:
-        """``fn(*job)`` for each job: ``(True, result)`` or ``(False, one-line error)``.
-
-        Jobs a crash or a timeout interrupted are run again one at a time, so a crash is
-        charged to the job that caused it."""
-        if self._pool is None:
-            self._pool = self._start()
-        results: list[tuple[bool, object] | None] = [None] * len(jobs)
+    def map(self, fn, jobs: list[tuple]) -> list[tuple[bool, object]]:
+        """``fn(*job)`` for each job, on the workers in parallel: ``(True, result)`` or
+        ``(False, one-line error)`` (a crash or a timeout charged to that job alone)."""
         futures = [self._pool.submit(fn, *job) for job in jobs]
-        interrupted = []
-        for i, fut in enumerate(futures):
+        results: list[tuple[bool, object]] = []
+        for fut in futures:
             try:
-                results[i] = (True, fut.result(timeout=timeout))
-            except (BrokenProcessPool, FutureTimeout):
-                interrupted.append(i)
-            except Exception as e:  # the job's own error, reported by the worker
-                results[i] = (False, one_line(e))
-        if interrupted:
-            self._kill(self._pool)
-            self._pool = None
-            for i in interrupted:
-                results[i] = self._alone(fn, jobs[i], timeout)
+                results.append((True, fut.result()))
+            except ChildProcessError:
+                results.append((False, "the worker process crashed on this job"))
+            except TimeoutError:
+                results.append((False, f"timed out after {self.timeout:.0f} s"))
+            except Exception as e:  # the job's own error, with the worker's traceback
+                results.append((False, one_line(e)))
         return results
 
-    def _alone(self, fn, job: tuple, timeout: float) -> tuple[bool, object]:
-        pool = self._start(1)
-        try:
-            return True, pool.submit(fn, *job).result(timeout=timeout)
-        except BrokenProcessPool:
-            return False, "the worker process crashed on this candidate"
-        except FutureTimeout:
-            return False, f"timed out after {timeout:.0f} s"
-        except Exception as e:
-            return False, one_line(e)
-        finally:
-            self._kill(pool)
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """End every worker (killing any still running a job)."""
+        self._pool.shutdown(wait=True)
