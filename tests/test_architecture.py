@@ -14,7 +14,8 @@ ROOTS = {"xcompile": "xcompile", "schedules": "xcompile.schedules", "targets": "
 
 # The layers, bottom first: a module may import its own layer and those below.
 LAYERS = [
-    ["xcompile.errors", "xcompile.versions", "xcompile.files", "xcompile.manifest"],
+    ["xcompile.errors", "xcompile.signals", "xcompile.versions", "xcompile.files",
+     "xcompile.manifest"],
     ["xcompile.targets"],
     ["xcompile.schedules"],
     ["xcompile.models", "xcompile.frontend", "xcompile.runtime"],

@@ -16,8 +16,8 @@ from pathlib import Path
 from xcompile import targets
 from xcompile import frontend, pipeline
 from xcompile.errors import XCompileError, first_line
-from xcompile.manifest import MODULE, PARAMS, write_manifest
-from xcompile.files import atomic_dir, cache_dir, sha256_file, writable_parent
+from xcompile.manifest import BUILD, MODULE, PARAMS, write_manifest
+from xcompile.files import atomic_dir, cache_folder, check_output_folder, sha256_file
 from xcompile.models import BuiltinSpec, resolve_model
 from xcompile.versions import versions
 
@@ -42,6 +42,11 @@ class BuildOptions:
     precision: str = "fp32"  # fp32, or fp16 (mixed precision: fp16 math, fp32 accumulation)
     fuse_separable: bool = False  # depthwise -> pointwise pairs as one kernel (CPU families)
 
+    def inputs(self) -> list[str]:
+        """The files and folders the build reads (an output must not hold them)."""
+        log = self.tuning_log if self.tuning_log and self.tuning_log.lower() != "none" else None
+        return [p for p in (self.model, log) if p]
+
     def describe(self) -> str:
         src = f"built-in {self.builtin.name} (seed {self.builtin.seed}, " \
               f"{self.builtin.input_size}x{self.builtin.input_size})" if self.builtin else ""
@@ -60,26 +65,29 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                     tuning_log: str | None = None,
                     cuda_arch: str | None = None, precision: str = "fp32",
                     fuse_separable: bool = False) -> BuildOptions:
-    """Fill in defaults and check what can be checked before any work is done."""
-    targets.resolve(target)  # unknown names fail here, before an export
-    model_path, builtin = resolve_model(model, batch)
-    if builtin is not None:
-        name = f"{builtin.name}-{target}-b{builtin.batch}"
+    """Fill in defaults and check what can be checked before any work is done (the
+    output folder before the built-in model is exported)."""
+    preset = targets.resolve(target)  # unknown names fail here, before an export
+    if batch is not None and batch < 1:
+        raise XCompileError(f"--batch must be >= 1, got {batch}")
+    if model is None:
+        name = f"{BuiltinSpec.name}-{target}-b{batch or 1}"
     else:
         name = f"{Path(model).stem}-{target}" + (f"-b{batch}" if batch else "")
     if output is None:
         output = os.path.join(DEFAULT_BUILD_ROOT, name)
-    if Path(output).exists() and not Path(output).is_dir():
-        raise XCompileError(f"output {output} exists and is not a folder")
-    writable_parent(Path(output))
+    log_folder = None
     if tuning_log is not None and tuning_log.lower() != "none":
         from xcompile.tuning.log_folder import resolve_folder
 
-        resolve_folder(tuning_log, targets.resolve(target).name)  # fails early when absent
+        log_folder = resolve_folder(tuning_log, preset.name)  # fails early when absent
+    check_output_folder(output, BUILD, inputs=[model, tuning_log, log_folder])
+    model_path, builtin = resolve_model(model, batch)
+    if builtin is not None:
+        batch = builtin.batch
     if precision not in pipeline.PRECISIONS:
         raise XCompileError(f"--precision must be one of {', '.join(pipeline.PRECISIONS)}, "
                             f"got {precision!r}")
-    preset = targets.resolve(target)
     archs: tuple[str, ...] = ()
     if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import parse_archs
@@ -117,6 +125,24 @@ def _gpu_code(module: Path, opts: BuildOptions) -> dict | None:
     return {"archs": list(opts.cuda_archs), **found}
 
 
+def _check_memory(imported, preset) -> None:
+    """Refuse a native CPU build whose activations cannot fit in this machine's memory
+    (a batch of 100000 would): the estimate is a lower bound, the largest call's
+    tensors."""
+    need = frontend.peak_activation_bytes(imported)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if need <= have:
+        return
+    message = (f"the model's activations need at least {need / 2**30:.1f} GiB at batch "
+               f"{imported.input.shape[0]}; this machine has {have / 2**30:.1f} GiB")
+    if targets.runs_here(preset):
+        raise XCompileError(message + " (give a smaller --batch)")
+    log.warning("%s: the %s machine must have more", message, preset.name)
+
+
 @dataclass
 class Compiled:
     """A compiled model, before it is written to a build folder."""
@@ -138,6 +164,7 @@ def compile_model(opts: BuildOptions) -> Compiled:
     targets.check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
+    _check_memory(imported, preset)
     tuned = None
     if opts.custom_schedules:
         from xcompile.tuning import load_for_build
@@ -153,7 +180,7 @@ def compile_model(opts: BuildOptions) -> Compiled:
     if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import fatbin_codegen
 
-        gpu_code = fatbin_codegen(opts.cuda_archs, cache_dir())
+        gpu_code = fatbin_codegen(opts.cuda_archs, cache_folder())
     codegen = None
     try:
         with gpu_code as codegen, tvm.transform.PassContext(config=config):
@@ -184,7 +211,7 @@ def build(opts: BuildOptions) -> dict:
     start = time.perf_counter()
     log.info("build options: %s", opts.describe())
     c = compile_model(opts)
-    with atomic_dir(opts.output) as tmp:
+    with atomic_dir(opts.output, BUILD, inputs=opts.inputs()) as tmp:
         _export(c.executable, c.preset, tmp / MODULE)
         params = dict(zip(c.weight_names, c.weights))
         (tmp / PARAMS).write_bytes(tvm.runtime.save_param_dict(params))

@@ -16,6 +16,9 @@ from xcompile.errors import XCompileError, first_line
 log = logging.getLogger("xcompile")
 
 
+MAX_COUNT = 1_000_000  # repeats, trials, batch: anything larger is a typo
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -23,7 +26,35 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a number <= {MAX_COUNT}, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (warm-up rounds)."""
+    return 0 if text.strip() == "0" else _positive(text)
+
+
+def _tolerance(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _is_bench_json(path) -> bool:
+    """Whether ``path`` holds figures ``bench --json`` wrote."""
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "timings" in data and "ratios" in data
 
 
 def cmd_export_model(args) -> int:
@@ -130,10 +161,12 @@ def cmd_run(args) -> int:
 
     from xcompile.targets import detect_arch
     from xcompile import reference, runtime
-    from xcompile.files import save_npy
+    from xcompile.files import check_output_file, is_npy, save_npy
     from xcompile.manifest import read_manifest
 
     manifest = read_manifest(args.build)
+    if args.output:  # checked before the run, not after
+        check_output_file(args.output, is_npy, inputs=[args.input, args.build])
     if manifest["target"]["arch"] != detect_arch():
         return _run_foreign(args, manifest)
     predictor = runtime.load(args.build)
@@ -151,7 +184,7 @@ def cmd_run(args) -> int:
     print(f"latency: median {times[len(times) // 2]:.3f} ms, min {times[0]:.3f} ms "
           f"over {args.repeat} runs")
     if args.output:
-        save_npy(args.output, first)
+        save_npy(args.output, first, inputs=[args.input, args.build])
         print(f"wrote {args.output}")
     return 0
 
@@ -169,7 +202,7 @@ def _run_foreign(args, manifest) -> int:
         print(line)
     print(f"{latency} ({manifest['target']['arch']}, emulated)")
     if args.output:
-        save_npy(args.output, y)
+        save_npy(args.output, y, inputs=[args.input, args.build])
         print(f"wrote {args.output}")
     return 0
 
@@ -200,8 +233,10 @@ def cmd_verify(args) -> int:
 
 def cmd_bench(args) -> int:
     from xcompile.bench import bench, format_table
-    from xcompile.files import atomic_path
+    from xcompile.files import atomic_path, check_output_file
 
+    if args.json:  # checked before the run, not after
+        check_output_file(args.json, _is_bench_json, inputs=[args.build, args.input])
     result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
                    warmup=args.warmup, with_torch=not args.no_torch)
     print(format_table(result))
@@ -213,16 +248,24 @@ def cmd_bench(args) -> int:
         print(f"\ntop kernels by time ({len(rows)} kernels):")
         print(format_profile(rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
+        with atomic_path(args.json, _is_bench_json, inputs=[args.build, args.input]) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error stated as the one ``error:`` line every other error
+    is (and exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from xcompile import targets
 
-    p = argparse.ArgumentParser(prog="xcompile", description=(
+    p = _Parser(prog="xcompile", description=(
         "Compile ONNX CNNs (Xception built in) with Apache TVM for x86, ARM and CUDA."))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -316,7 +359,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("build", metavar="DIR")
     s.add_argument("--model", metavar="FILE.onnx", help="the ONNX file (default: the build's)")
     s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
-    s.add_argument("--rtol", type=float, default=None,
+    s.add_argument("--rtol", type=_tolerance, default=None,
                    help="relative tolerance (default 1e-4; 1e-2 for fp16 builds)")
     s.set_defaults(func=cmd_verify)
 
@@ -325,7 +368,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", metavar="FILE.onnx", help="the ONNX file (default: the build's)")
     s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
     s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
-    s.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds")
+    s.add_argument("--warmup", type=_count, default=1, metavar="N", help="untimed rounds")
     s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     s.add_argument("--profile", action="store_true",
                    help="also time each kernel and show the 10 slowest with their rules")
@@ -335,24 +378,29 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from xcompile import signals
+
     args = make_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    signals.handle()
     try:
         return args.func(args)
-    except XCompileError as e:
-        if args.debug:
+    except BrokenPipeError:  # the reader went away (`xcompile targets | head`): done
+        sys.stderr.close()
+        return 0
+    except (KeyboardInterrupt, Exception) as e:
+        if isinstance(e, KeyboardInterrupt) or (signals.received() is not None
+                                                and not isinstance(e, signals.Interrupted)):
+            # Also an interrupt that TVM turned into its own error in a callback.
+            e = signals.interrupted()
+        if args.debug and not isinstance(e, signals.Interrupted):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug or an unforeseen TVM failure: still one line
-        if args.debug:
-            raise
-        first = first_line(e)
-        print(f"error: unexpected {type(e).__name__}: {first} (rerun with --debug for the "
-              f"traceback)", file=sys.stderr)
+        if isinstance(e, XCompileError):
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        # A bug or an unforeseen TVM failure: still one line.
+        print(f"error: unexpected {type(e).__name__}: {first_line(e)} (rerun with --debug "
+              f"for the traceback)", file=sys.stderr)
         return 3

@@ -175,3 +175,33 @@ def import_onnx(model, batch: int | None = None, source: str = "model") -> Impor
     log.info("imported %s: input %s %s %s, %d weight tensors, %d outputs", source,
              inp.name, list(inp.shape), inp.dtype, len(weights), len(outputs))
     return ImportedModel(mod, weights, param_names, inp, outputs)
+
+
+def peak_activation_bytes(imported: ImportedModel) -> int:
+    """A lower bound of the memory ``main`` needs for activations: the largest sum of
+    one call's result and tensor arguments (weights excluded)."""
+    import math
+
+    import numpy as np
+    from tvm import relax
+
+    weights = set(imported.mod["main"].params[1:])
+
+    def nbytes(ty) -> int:
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return 0
+        try:
+            dims = [int(v) for v in ty.shape.values]
+        except (TypeError, ValueError):  # a symbolic dimension
+            return 0
+        return math.prod(dims) * np.dtype(str(ty.dtype)).itemsize
+
+    peak = imported.input.nbytes
+    for block in imported.mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            args = value.args if isinstance(value, relax.Call) else []
+            live = nbytes(binding.var.ty) + sum(
+                nbytes(a.ty) for a in args if isinstance(a, relax.Var) and a not in weights)
+            peak = max(peak, live)
+    return peak

@@ -13,10 +13,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from xcompile.manifest import MANIFEST, read_manifest
+from xcompile.manifest import BUILD, MANIFEST, read_checked, read_manifest
 from xcompile import runner
-from xcompile.errors import XCompileError
-from xcompile.files import atomic_dir
+from xcompile.files import OutputKind, atomic_dir, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +36,31 @@ then xcompile.runtime.load("path/to/bundle") (TVM_USE_RUNTIME_LIB=1 loads no com
 """
 
 
+def _is_bundle(folder: Path) -> bool:
+    return BUILD.recognize(folder) and (folder / "README.txt").is_file() and \
+        (folder / "README.txt").read_text(errors="replace").startswith("xcompile bundle")
+
+
+BUNDLE = OutputKind("bundle", _is_bundle, BUILD.entries | {RUNNER, "lib", "README.txt"})
+
+
 def package(build_dir: str | Path, out: str | Path) -> Path:
     """Write the bundle of ``build_dir`` to ``out`` (replacing it; written atomically)."""
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    manifest = read_manifest(build_dir)  # its file names checked: plain names inside it
+    check_output_folder(out, BUNDLE, inputs=[build_dir])
     target = manifest["target"]
     extra = runner.device_libs(target["device"])
-    for name in (manifest["module"], manifest["params"]["file"]):
-        if not (build_dir / name).is_file():
-            raise XCompileError(f"{build_dir} is incomplete: {name} is missing")
+    # The build's files, checked against the manifest's checksums before they are copied.
+    files = {name: read_checked(build_dir, name, manifest)
+             for name in (manifest["module"], manifest["params"]["file"])}
     arch = target["arch"]
     exe = runner.build_runner(arch)
     libs = runner.runtime_libs(arch)
-    with atomic_dir(out) as tmp:
-        for name in (MANIFEST, manifest["module"], manifest["params"]["file"]):
-            shutil.copy2(build_dir / name, tmp / name)
+    with atomic_dir(out, BUNDLE, inputs=[build_dir]) as tmp:
+        shutil.copy2(build_dir / MANIFEST, tmp / MANIFEST)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         shutil.copy2(exe, tmp / RUNNER)
         (tmp / "lib").mkdir()
         for lib in [*sorted(libs.glob("*.so")), *extra]:

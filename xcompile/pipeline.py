@@ -85,14 +85,30 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
     return tvm.transform.Sequential(passes, name="xcompile.GraphPasses")
 
 
+def _relu(bb, call):
+    """ReLU as ``x < 0 ? 0 : x``: a NaN stays NaN, as in ONNX Runtime. (TVM's own,
+    ``max(x, 0)``, becomes LLVM's maxnum, which returns 0 for a NaN.)"""
+    from tvm import te, tirx
+
+    def compute(x):
+        zero = tirx.const(0, x.dtype)
+        return te.compute(x.shape, lambda *i: tirx.Select(x(*i) < zero, zero, x(*i)),
+                          name="relu", tag="elemwise")
+
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="relu")
+
+
 def lowering_passes():
     """Legalize to TIR and fuse: Relax's zero pipeline (LegalizeOps, AnnotateTIROpPattern,
-    FoldConstant, FuseOps, FuseTIR), then dead code elimination."""
+    FoldConstant, FuseOps, FuseTIR), then dead code elimination; ReLU is legalized first,
+    our way (``_relu``)."""
     import tvm
     from tvm import relax
 
+    legalize_relu = relax.transform.LegalizeOps(
+        customize_legalize_map={"relax.nn.relu": _relu})
     return tvm.transform.Sequential(
-        [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination()],
+        [legalize_relu, relax.get_pipeline("zero"), relax.transform.DeadCodeElimination()],
         name="xcompile.Lowering")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xcompile.errors import XCompileError
+from xcompile.errors import XCompileError, first_line
 from xcompile.files import sha256_file
 from xcompile.manifest import TensorInfo
 
@@ -44,8 +44,10 @@ def make_input(info: TensorInfo, path: str | None = None, seed: int = 0) -> np.n
         raise XCompileError(f"input file not found: {path}")
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise XCompileError(f"{path} is not a .npy array: {e}") from e
+    except (OSError, ValueError, EOFError) as e:  # an empty file is an EOFError
+        raise XCompileError(f"{path} is not a .npy array ({first_line(e)})") from e
+    if not isinstance(x, np.ndarray):
+        raise XCompileError(f"{path} is not a .npy array (an .npz archive?)")
     if tuple(x.shape) != info.shape or str(x.dtype) != info.dtype:
         raise XCompileError(f"{path} holds {x.dtype} {tuple(x.shape)}; the model's input "
                             f"{info.name!r} is {info.dtype} {info.shape}")

@@ -6,17 +6,15 @@ TVM package stripped of ``libtvm_compiler.so``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from xcompile.manifest import read_manifest
+from xcompile.manifest import read_checked, read_manifest
 from xcompile import targets
 from xcompile.errors import XCompileError, first_line
-from xcompile.files import sha256_file
 from xcompile.manifest import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -75,6 +73,33 @@ def device_available(device_name: str) -> bool:
         return False
 
 
+_ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+
+
+def check_shared_object(path: Path, data: bytes, arch: str) -> None:
+    """Refuse a shared object whose ELF headers do not fit its size or its architecture:
+    ``dlopen`` of a truncated one can kill the process (SIGBUS) before any error can be
+    raised, even when its checksum was updated with it."""
+    import struct
+
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2:
+        raise XCompileError(f"{path} is not a 64-bit ELF shared object")
+    machine = struct.unpack_from("<H", data, 18)[0]
+    if machine != _ELF_MACHINES.get(arch, -1):
+        raise XCompileError(f"{path} was built for another architecture (ELF machine "
+                            f"{machine}); this machine is {arch}")
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    size = len(data)
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        raise XCompileError(f"{path} is truncated or damaged")
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD past the end
+            raise XCompileError(f"{path} is truncated or damaged")
+
+
 class Predictor:
     """A loaded build: call it with a numpy array, get the output(s) as numpy.
 
@@ -96,23 +121,13 @@ class Predictor:
         kind = targets.device(device)
         configure_threads()
         load_device_runtime(device)
+        # The manifest's file names are plain names inside the folder (read_manifest
+        # checked them); both files are checked before either is used.
         module_path = self.folder / m["module"]
         params_path = self.folder / m["params"]["file"]
-        sums = m.get("sha256")
-        if not isinstance(sums, dict):
-            raise XCompileError(f"{self.folder} has no file checksums (an older build?); "
-                                f"rebuild it")
-        for p in (module_path, params_path):
-            if not p.is_file():
-                raise XCompileError(f"{self.folder} is incomplete: {p.name} is missing")
-        # A truncated or damaged .so can kill the process inside dlopen (SIGBUS). The
-        # weights are read once: the bytes hashed are the bytes loaded.
-        params_bytes = params_path.read_bytes()
-        for p, digest in ((module_path, sha256_file(module_path)),
-                          (params_path, hashlib.sha256(params_bytes).hexdigest())):
-            if digest != sums.get(p.name):
-                raise XCompileError(f"{p} is damaged or was changed after the build "
-                                    f"(SHA-256 differs from the manifest)")
+        check_shared_object(module_path, read_checked(self.folder, m["module"], m),
+                            targets.detect_arch())
+        params_bytes = read_checked(self.folder, m["params"]["file"], m)
         self.device = tvm.device(device, device_id)
         if not self.device.exist:
             raise XCompileError(f"no {device} device {device_id} on this machine")

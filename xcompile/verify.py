@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xcompile import reference, runtime
+from xcompile.errors import XCompileError
 from xcompile.manifest import TensorInfo, read_manifest
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def verify(folder, model: str | None = None, input_path: str | None = None,
 
     manifest = read_manifest(folder)
     rtol = default_rtol(manifest) if rtol is None else rtol
+    if not (np.isfinite(rtol) and rtol > 0):
+        raise XCompileError(f"the tolerance must be a positive number, got {rtol}")
     inp = TensorInfo.from_json(manifest["inputs"][0])
     outputs = [TensorInfo.from_json(o) for o in manifest["outputs"]]
     model_path = reference.reference_model(manifest, model)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xcompile.errors import XCompileError, first_line
-from xcompile.files import atomic_path, cache_dir
+from xcompile.files import atomic_path, cache_folder, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,27 @@ def make_torch_model(spec: BuiltinSpec):
     return model
 
 
-def export_onnx(spec: BuiltinSpec, out: str | os.PathLike) -> Path:
-    """Write ``spec``'s model as ONNX (opset 17, static input shape) to ``out``.
+METADATA_KEY = "xcompile.builtin"  # marks an ONNX file export_onnx wrote
 
-    The same spec always gives the same bytes. The file appears only when complete.
-    """
+
+def is_exported(path) -> bool:
+    """Whether ``path`` is an ONNX file ``export_onnx`` wrote (its metadata says so):
+    the only kind of existing file an export replaces."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
+
+
+def export_onnx(spec: BuiltinSpec, out: str | os.PathLike, dynamic_batch: bool = False,
+                inputs=()) -> Path:
+    """Write ``spec``'s model as ONNX (opset 17) to ``out``: its input shape static, or
+    with a dynamic batch (``dynamic_batch``: what builds of the built-in model import,
+    at the batch they ask for). The same arguments always give the same bytes; the file
+    appears only when complete, and replaces only a file this function wrote."""
     torch = _torch()
     if spec.batch < 1:
         raise XCompileError(f"batch must be >= 1, got {spec.batch}")
@@ -145,28 +161,42 @@ def export_onnx(spec: BuiltinSpec, out: str | os.PathLike) -> Path:
     if spec.input_size < low:
         raise XCompileError(f"{spec.name} needs an input size of at least {low}, "
                             f"got {spec.input_size}")
+    check_output_file(out, is_exported, inputs=[*inputs, spec.weights])
     model = make_torch_model(spec)
-    example = torch.zeros(spec.batch, 3, spec.input_size, spec.input_size)
+    batch = 1 if dynamic_batch else spec.batch
+    example = torch.zeros(batch, 3, spec.input_size, spec.input_size)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     out = Path(out)
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with atomic_path(out, is_exported, inputs=[*inputs, spec.weights]) as tmp, \
+            warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript; this one folds batch norm into the convolutions, as we want.
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
-    log.info("wrote %s (%s, seed %d, %dx%d, batch %d)", out, spec.name, spec.seed,
-             spec.input_size, spec.input_size, spec.batch)
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes=axes)
+        import json
+
+        import onnx
+
+        exported = onnx.load(str(tmp))
+        onnx.helper.set_model_props(exported, {METADATA_KEY: json.dumps(
+            {**spec.to_json(), "batch": "dynamic" if dynamic_batch else spec.batch})})
+        onnx.save(exported, str(tmp))
+    log.info("wrote %s (%s, seed %d, %dx%d, batch %s)", out, spec.name, spec.seed,
+             spec.input_size, spec.input_size, "dynamic" if dynamic_batch else spec.batch)
     return out
 
 
 def builtin_onnx(spec: BuiltinSpec) -> Path:
-    """The ONNX file of a built-in model, generated once into the cache."""
+    """The ONNX file of a built-in model, generated once into the cache with a dynamic
+    batch (a build imports it at ``spec.batch``: no export allocates a large batch)."""
     if spec.weights:
         raise XCompileError("export a model with --weights using `xcompile export-model`, "
                             "then build it with --model")
-    path = cache_dir() / "models" / f"{spec.name}-s{spec.seed}-{spec.input_size}-b{spec.batch}.onnx"
+    path = cache_folder("models") / f"{spec.name}-s{spec.seed}-{spec.input_size}.onnx"
     if not path.is_file():
-        export_onnx(spec, path)
+        export_onnx(spec, path, dynamic_batch=True)
     return path
 
 

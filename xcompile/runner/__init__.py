@@ -20,7 +20,7 @@ from pathlib import Path
 
 from xcompile import targets
 from xcompile.errors import XCompileError
-from xcompile.files import atomic_path, cache_dir
+from xcompile.files import atomic_path, cache_folder, ours
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def toolchain(arch: str) -> Toolchain:
 
 
 def _cache() -> Path:
-    return cache_dir() / "runner"
+    return cache_folder("runner")
 
 
 def runtime_libs(arch: str) -> Path:
@@ -126,7 +126,7 @@ def _foreign_libs(arch: str) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             for member, name in LIBS.items():
                 if member in zf.namelist():
-                    with atomic_path(folder / name) as tmp:
+                    with atomic_path(folder / name, ours) as tmp:  # in the cache
                         tmp.write_bytes(zf.read(member))
                         tmp.chmod(0o755)  # mkstemp's 0600 would travel into bundles
     missing = [n for n in LIBS.values() if not (folder / n).is_file()]
@@ -147,7 +147,7 @@ def build_runner(arch: str) -> Path:
     if exe.is_file():
         return exe
     include = Path(tvm_ffi.__file__).parent / "include"
-    with atomic_path(exe) as tmp:
+    with atomic_path(exe, ours) as tmp:  # in the cache
         cmd = [tc.cxx, "-std=c++17", "-O2", "-o", str(tmp), str(SOURCE),
                f"-I{include}", f"-I{include / 'dlpack'}", f"-L{libs}",
                "-ltvm_runtime", "-ltvm_ffi", "-ldl", "-Wl,-rpath,$ORIGIN/lib"]

@@ -39,12 +39,13 @@ class TunedKernels:
 
     def __init__(self, folder: Path, key: str, rules: list):
         self.folder = folder
-        manifest = log_folder.read_manifest(folder)
-        if manifest is None:
-            raise XCompileError(f"tuning log {folder} has no {log_folder.MANIFEST}: not an xcompile "
-                                "tuning log")
-        log_folder.check_target(folder, manifest, key)
-        contents = log_folder.read_log(folder, key)
+        with log_folder.locked(folder, exclusive=False):  # not while a tune writes it
+            manifest = log_folder.read_manifest(folder)
+            if manifest is None:
+                raise XCompileError(f"tuning log {folder} has no {log_folder.MANIFEST}: not "
+                                    "an xcompile tuning log")
+            log_folder.check_target(folder, manifest, key)
+            contents = log_folder.read_log(folder, key)
         self.workloads = contents.workloads
         self.records = contents.best()
         self.tasks = manifest.get("tasks", {})

@@ -16,28 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xcompile import schedules
-from xcompile import targets
-from xcompile import frontend, pipeline
+from xcompile import frontend, pipeline, schedules, signals, targets
 from xcompile.errors import XCompileError, last_line
-from xcompile.files import sha256_file, writable_parent
+from xcompile.files import sha256_file
 from xcompile.models import BuiltinSpec, resolve_model
 from xcompile.versions import versions
 
-from . import baseline, grid, measure, scheduler, space
-from . import log_folder
-from . import progress
-from . import tasks
+from . import baseline, grid, log_folder, measure, progress, scheduler, space, tasks
 from .apply import workload_hash
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOG_DIR = "tuning-logs"
 TRIALS_PER_ITER = 32  # candidates measured per search round of a task
-
-
-class Interrupted(XCompileError):
-    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -85,7 +76,7 @@ def resolve_tune_options(model: str | None = None, target: str = targets.HOST,
     preset = targets.resolve(target)
     if not rpc_tracker:
         _check_local_device(preset)
-    writable_parent(Path(log_dir) / preset.name)
+    log_folder.check_folder(Path(log_dir) / preset.name)
     model_path, builtin = resolve_model(model, batch)
     return TuneOptions(model_path, builtin, target, batch, trials, trials_per_task, tasks,
                        log_dir, rpc_tracker, rpc_key, search)
@@ -118,8 +109,6 @@ def _new_manifest(preset, key: str) -> dict:
 
 def tune(opts: TuneOptions) -> dict:
     """Tune ``opts.model`` for ``opts.target``; returns the log's manifest."""
-    from tvm.s_tir import meta_schedule as ms
-
     started = time.perf_counter()
     log.info("tune options: %s", opts.describe())
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -138,12 +127,25 @@ def tune(opts: TuneOptions) -> dict:
     chosen = tasks.select(all_tasks, opts.tasks)
     hashes = {t.name: workload_hash(t.mod["main"]) for t in all_tasks}
 
-    folder = Path(opts.log_dir) / preset.name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = log_folder.check_folder(Path(opts.log_dir) / preset.name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise XCompileError(f"cannot create the tuning log {folder}: {e.strerror}") from e
+    with log_folder.locked(folder, exclusive=True):
+        return _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
+                            folder, started)
+
+
+def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes, folder,
+                 started) -> dict:
+    """``tune``, holding the log folder's exclusive lock."""
+    from tvm.s_tir import meta_schedule as ms
+
     manifest = log_folder.read_manifest(folder)
     log_folder.check_target(folder, manifest, key)
     contents = log_folder.read_log(folder, key)
-    log_folder.rewrite_clean(folder, contents)
+    log_folder.set_aside_rejected(folder, contents)
     manifest = manifest or _new_manifest(preset, key)
     manifest["models"][sha256_file(opts.model)] = {
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
@@ -211,6 +213,11 @@ def tune(opts: TuneOptions) -> dict:
                               lambda i: run_progress.best_ms.get(todo[i].name, 1.0)))
     except KeyboardInterrupt:
         interrupted = True
+    except Exception:
+        # An interrupt inside a callback from TVM comes back as TVM's own error.
+        if signals.received() is None:
+            raise
+        interrupted = True
     finally:
         log.info("time spent: building %.1f s, measuring %.1f s, in all %.1f s",
                  builder.seconds, getattr(runner, "seconds", float("nan")),
@@ -224,9 +231,9 @@ def tune(opts: TuneOptions) -> dict:
     if (folder / log_folder.CURVE_CSV).is_file():
         progress.plot(folder / log_folder.CURVE_CSV, folder / log_folder.CURVE_PNG,
                   f"{Path(opts.model).name} on {preset.name}: estimated latency vs trials")
-    if interrupted:
-        raise Interrupted(f"interrupted; the log {folder} keeps {manifest['trials']} trials; "
-                          "run the same command again to resume")
+    if interrupted or signals.received() is not None:
+        raise signals.interrupted(f"interrupted; the log {folder} keeps {manifest['trials']} "
+                                  "trials; run the same command again to resume")
     return manifest
 
 

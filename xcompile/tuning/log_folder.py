@@ -6,23 +6,30 @@ Folder contents:
   measured, so a killed run loses at most the line being written);
 - ``tuning.json``: the manifest (target, versions, models tuned, per task: the baseline
   latency of our default schedule, the best tuned latency and trials; totals);
-- ``convergence.csv`` and ``convergence.png``: estimated model latency against trials.
+- ``convergence.csv`` and ``convergence.png``: estimated model latency against trials;
+- ``rejected_records.json``: lines taken out of the database because they could not be
+  read (torn by a kill, garbage), each with the reason: kept, never deleted;
+- ``.lock``: the lock file (``tune`` holds it exclusively, builds share it).
 
-Reading checks every line: a truncated or garbage line is skipped with a warning, a
-record made for another target is skipped with a warning, and a log whose manifest
-names another target is refused.
+Reading checks every line: a line that does not parse, a workload that is not a
+module, a record with a time that is not a positive number is skipped with a warning; a
+record made for another target is skipped with a warning (and kept in the file); a log
+whose manifest names another target is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xcompile.errors import XCompileError
-from xcompile.files import atomic_path
+from xcompile.files import OutputKind, atomic_path, check_output_folder, ours
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,26 @@ RECORDS = "database_tuning_record.json"
 MANIFEST = "tuning.json"
 CURVE_CSV = "convergence.csv"
 CURVE_PNG = "convergence.png"
+REJECTED = "rejected_records.json"
+LOCK = ".lock"
 FORMAT = 1
+
+
+def _is_log(folder: Path) -> bool:
+    """A folder holding a log's files (a damaged manifest is reported when read)."""
+    return (folder / MANIFEST).is_file() or (folder / RECORDS).is_file()
+
+
+LOG = OutputKind("tuning log", _is_log,
+                 frozenset({WORKLOADS, RECORDS, MANIFEST, CURVE_CSV, CURVE_PNG, REJECTED,
+                            LOCK, "logs"}))
+
+
+def check_folder(folder: Path) -> Path:
+    """A folder ``tune`` may write a log into: absent, empty, or a tuning log."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        return folder
+    return check_output_folder(folder, LOG)
 
 
 def target_key(target) -> str:
@@ -41,6 +67,38 @@ def target_key(target) -> str:
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
     return json.dumps(json.loads(str(target)), sort_keys=True)
+
+
+@contextlib.contextmanager
+def locked(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold the log folder's lock: ``exclusive`` for a writer (``tune``: one at a time),
+    shared for readers (builds). Taken or refused at once, naming the holder's pid. A
+    folder this process cannot write (a shipped log in site-packages) cannot change
+    under it and is read without a lock."""
+    import fcntl
+
+    if not os.access(folder, os.W_OK):
+        yield
+        return
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise XCompileError(f"cannot lock the tuning log {folder}: {e.strerror}") from e
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise XCompileError(f"tuning log {folder} is in use by another xcompile "
+                                f"{'process' if exclusive else 'tune'} (pid {holder}); "
+                                "wait for it to end") from None
+        if exclusive:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -54,12 +112,15 @@ class Record:
 
 @dataclass
 class LogContents:
-    """What a log folder holds after checking (``workloads[i]`` = [hash, module json])."""
+    """What a log folder holds after checking (``workloads[i]`` = [hash, module json]).
+
+    ``rejected`` are the lines that cannot be read, with the file and the reason;
+    ``foreign`` the readable records made for another target (kept in the database)."""
 
     workloads: list = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
-    dropped_lines: int = 0
-    foreign_records: int = 0
+    foreign: list[list] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
 
     def best(self) -> dict[str, list[Record]]:
         """Workload hash -> its records, fastest first."""
@@ -72,6 +133,7 @@ class LogContents:
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The log's manifest, checked (None when there is none)."""
     path = folder / MANIFEST
     if not path.is_file():
         return None
@@ -79,19 +141,38 @@ def read_manifest(folder: Path) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise XCompileError(f"tuning log {folder}: {MANIFEST} is unreadable ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise XCompileError(f"tuning log {folder}: {MANIFEST} is not an xcompile "
-                            f"tuning manifest (format {FORMAT})")
+    problem = _manifest_problem(data)
+    if problem:
+        raise XCompileError(f"tuning log {folder}: {MANIFEST} is not an xcompile tuning "
+                            f"manifest ({problem})")
     return data
+
+
+def _manifest_problem(data) -> str | None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return f"format {FORMAT} expected"
+    target = data.get("target")
+    if not isinstance(target, dict) or not isinstance(target.get("name"), str) \
+            or not isinstance(target.get("tvm"), dict):
+        return "no target"
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str)
+            and isinstance(t.get("configs", {}), dict) for t in tasks.values()):
+        return "tasks are not task entries"
+    for key, kind in (("models", dict), ("runs", list), ("trials", int)):
+        if not isinstance(data.get(key), kind):
+            return f"no {key}"
+    return None
 
 
 def check_target(folder: Path, manifest: dict | None, key: str) -> None:
     """Refuse a log whose manifest was written for another target."""
     if manifest is None:
         return
-    theirs = manifest.get("target", {}).get("tvm")
-    if theirs is None or json.dumps(theirs, sort_keys=True) != key:
-        name = manifest.get("target", {}).get("name", "?")
+    theirs = manifest["target"]["tvm"]
+    if json.dumps(theirs, sort_keys=True) != key:
+        name = manifest["target"]["name"]
         raise XCompileError(f"tuning log {folder} was tuned for target {name} "
                             f"({json.dumps(theirs, sort_keys=True)}), not {key}; "
                             "refusing to apply it")
@@ -106,6 +187,38 @@ def _lines(path: Path) -> list[str]:
         raise XCompileError(f"cannot read {path}: {e.strerror}") from e
 
 
+def _workload_problem(item) -> str | None:
+    if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], str)):
+        return "not a [hash, module] pair"
+    import tvm
+    from tvm.s_tir.meta_schedule.database import Workload
+
+    try:
+        mod = Workload.from_json(item).mod  # (MetaSchedule's own encoding of the module)
+    except Exception:
+        return "its module does not parse"
+    if not isinstance(mod, tvm.IRModule):
+        return "not a module"
+    return None
+
+
+def _record_problem(record, indices) -> tuple[str | None, float]:
+    try:
+        index, body = record
+        trace, run_secs, _target, _args = body
+        secs = [float(s) for s in run_secs]
+    except (ValueError, TypeError):
+        return "not a record", 0.0
+    if index not in indices:
+        return "its workload is not in the log", 0.0
+    if not isinstance(trace, list):
+        return "its trace is not a list", 0.0
+    if not secs or not all(math.isfinite(s) and s > 0 for s in secs):
+        return "its times are not positive numbers", 0.0
+    return None, sum(secs) / len(secs)
+
+
 def read_log(folder: Path, key: str) -> LogContents:
     """Parse and check ``folder``'s database against the target ``key``."""
     out = LogContents()
@@ -113,56 +226,65 @@ def read_log(folder: Path, key: str) -> LogContents:
     for i, line in enumerate(_lines(folder / WORKLOADS)):
         try:
             item = json.loads(line)
-            ok = (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                  and isinstance(item[1], str))
+            problem = _workload_problem(item)
         except ValueError:
-            ok = False
-        if not ok:
-            out.dropped_lines += 1
+            problem = "not JSON (a line torn by a kill?)"
+        if problem:
+            out.rejected.append({"file": WORKLOADS, "line": line, "reason": problem})
             continue
         remap[i] = len(out.workloads)
         out.workloads.append(item)
     for line in _lines(folder / RECORDS):
         try:
-            index, body = json.loads(line)
-            trace, run_secs, target, _args = body
-            secs = [float(s) for s in run_secs]
-            if index not in remap or not secs or not isinstance(trace, list):
-                raise ValueError
-        except (ValueError, TypeError):
-            out.dropped_lines += 1
+            record = json.loads(line)
+            problem, seconds = _record_problem(record, remap)
+        except ValueError:
+            problem, seconds = "not JSON (a line torn by a kill?)", 0.0
+        if problem is None:
+            try:
+                same = target_key(record[1][2]) == key
+            except Exception:  # not a target at all
+                problem = "its target is not a target"
+        if problem:
+            out.rejected.append({"file": RECORDS, "line": line, "reason": problem})
             continue
-        try:
-            same = target_key(target) == key
-        except Exception:  # not a target at all
-            out.dropped_lines += 1
-            continue
-        if not same:
-            out.foreign_records += 1
-            continue
-        out.records.append(Record(remap[index], sum(secs) / len(secs), [remap[index], body]))
-    if out.dropped_lines:
-        log.warning("tuning log %s: skipped %d truncated or malformed line(s)", folder,
-                    out.dropped_lines)
-    if out.foreign_records:
+        record = [remap[record[0]], record[1]]
+        if same:
+            out.records.append(Record(record[0], seconds, record))
+        else:
+            out.foreign.append(record)
+    if out.rejected:
+        log.warning("tuning log %s: skipped %d line(s) that cannot be read (%s)", folder,
+                    len(out.rejected), out.rejected[0]["reason"])
+    if out.foreign:
         log.warning("tuning log %s: skipped %d record(s) tuned for another target", folder,
-                    out.foreign_records)
+                    len(out.foreign))
     return out
 
 
-def rewrite_clean(folder: Path, contents: LogContents) -> None:
-    """Rewrite the database without the lines ``read_log`` skipped (before appending to
-    it: a truncated last line would otherwise merge with the next record)."""
-    if not (contents.dropped_lines or contents.foreign_records):
+def set_aside_rejected(folder: Path, contents: LogContents) -> None:
+    """Before appending (under the exclusive lock): move the lines ``read_log`` could not
+    read to ``rejected_records.json`` (appended, with their reasons) and rewrite the
+    database without them (records made for another target stay), so MetaSchedule
+    reads it and the next record cannot merge with a torn last line."""
+    if not contents.rejected:
         return
-    with atomic_path(folder / WORKLOADS) as tmp:
+    with open(folder / REJECTED, "a", encoding="utf-8") as f:
+        for item in contents.rejected:
+            f.write(json.dumps(item) + "\n")
+    with atomic_path(folder / WORKLOADS, ours) as tmp:
         tmp.write_text("".join(json.dumps(w) + "\n" for w in contents.workloads))
-    with atomic_path(folder / RECORDS) as tmp:
-        tmp.write_text("".join(json.dumps(r.raw) + "\n" for r in contents.records))
+    records = [r.raw for r in contents.records] + contents.foreign
+    records.sort(key=lambda r: r[0])
+    with atomic_path(folder / RECORDS, ours) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log.warning("tuning log %s: %d unreadable line(s) moved to %s", folder,
+                len(contents.rejected), REJECTED)
+    contents.rejected = []
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    with atomic_path(folder / MANIFEST) as tmp:
+    with atomic_path(folder / MANIFEST, ours) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
@@ -187,19 +309,20 @@ def export_best(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:
     from xcompile.files import atomic_dir
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise XCompileError(f"no tuning log in {folder}")
-    contents = read_log(folder, json.dumps(manifest["target"]["tvm"], sort_keys=True))
-    best = [recs[0] for recs in contents.best().values()]
-    with atomic_dir(dst) as tmp:
-        keep = sorted({r.workload for r in best})
-        index = {old: new for new, old in enumerate(keep)}
-        (tmp / WORKLOADS).write_text("".join(json.dumps(contents.workloads[i]) + "\n"
-                                             for i in keep))
-        (tmp / RECORDS).write_text("".join(json.dumps([index[r.workload], r.raw[1]]) + "\n"
-                                           for r in best))
-        for name in (MANIFEST, CURVE_CSV, CURVE_PNG):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
+    with locked(folder, exclusive=False):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise XCompileError(f"no tuning log in {folder}")
+        contents = read_log(folder, json.dumps(manifest["target"]["tvm"], sort_keys=True))
+        best = [recs[0] for recs in contents.best().values()]
+        with atomic_dir(dst, LOG, inputs=[folder]) as tmp:
+            keep = sorted({r.workload for r in best})
+            index = {old: new for new, old in enumerate(keep)}
+            (tmp / WORKLOADS).write_text("".join(json.dumps(contents.workloads[i]) + "\n"
+                                                 for i in keep))
+            (tmp / RECORDS).write_text("".join(json.dumps([index[r.workload], r.raw[1]])
+                                               + "\n" for r in best))
+            for name in (MANIFEST, CURVE_CSV, CURVE_PNG):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, tmp / name)
     return Path(dst)

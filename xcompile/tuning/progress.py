@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from xcompile.errors import XCompileError
-from xcompile.files import atomic_path
+from xcompile.files import atomic_path, ours
 
 log = logging.getLogger("xcompile.tune")
 
@@ -114,6 +114,6 @@ def plot(csv_path: Path, png_path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(png_path) as tmp:
+    with atomic_path(png_path, ours) as tmp:  # in the log folder
         fig.savefig(tmp, format="png")
     plt.close(fig)

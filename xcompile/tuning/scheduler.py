@@ -12,6 +12,8 @@ none starve.
 
 from __future__ import annotations
 
+from xcompile import signals
+
 
 def joined_scheduler(weights: list[float], best_ms):
     """``weights[i]``: calls per inference of task i; ``best_ms(i)``: its best latency."""
@@ -25,6 +27,8 @@ def joined_scheduler(weights: list[float], best_ms):
             self.rounds = [0] * len(weights)
 
         def next_task_id(self) -> int:
+            if signals.received() is not None:
+                return -1  # interrupted: end the search (the driver finalises the log)
             tasks = self._outer().tasks_
             for i, task in enumerate(tasks):
                 if task.runner_futures is not None:
