@@ -11,6 +11,7 @@ from .registry import (UNSCHEDULED, apply_rules, baseline_rules_for, fuses_separ
                        kernel_rules, layout_for, register, register_baseline, register_layout,
                        register_separable_fusion, rule_name, rules_by_name, rules_for,
                        separable_rule, tag_scheduled)
+from .intrinsics import register_tensor_intrinsics
 from .rule import LAYOUT_REWRITE
 
 from . import cpu, cuda  # noqa: E402,F401  (the families: importing one registers its rules)
@@ -19,4 +20,4 @@ __all__ = ["LAYOUT_REWRITE", "UNSCHEDULED", "apply_rules", "baseline_rules_for",
            "fuses_separable", "kernel_rules", "layout_for", "register", "register_baseline",
            "register_layout", "register_separable_fusion", "rule_name", "rules_by_name",
            "rules_for",
-           "separable_rule", "tag_scheduled"]
+           "register_tensor_intrinsics", "separable_rule", "tag_scheduled"]

@@ -26,9 +26,12 @@ class Device:
     runtime_dependencies: tuple[str, ...] = ()
     torch_device: str = "cpu"  # where PyTorch runs the reference model for comparison
     relax_backend: str = "cpu_generic"  # the tvm.relax.backend package compiling for it
-    # The modules of tvm.s_tir.tensor_intrin whose intrinsics MetaSchedule may use here.
+    # The modules of tvm.s_tir.tensor_intrin whose intrinsics MetaSchedule may use here;
+    # ``tensorizes``: the default schedules use them too (DLight's tensor-core matmul),
+    # so builds register them before scheduling.
     # (Modules a later one imports come first: they are run in this order.)
     tensor_intrinsics: tuple[str, ...] = ("x86", "dot_product_common", "arm_cpu")
+    tensorizes: bool = False
 
 
 DEVICES = {
@@ -38,7 +41,8 @@ DEVICES = {
     "cuda": Device("cuda", runtime_library="tvm_runtime_cuda", is_host=False,
                    captures_graphs=True, compiles_device_code=True,
                    runtime_dependencies=("libcudart.so.13",), torch_device="cuda",
-                   relax_backend="cuda", tensor_intrinsics=("cuda",)),
+                   relax_backend="cuda", tensor_intrinsics=("cuda",),
+                   tensorizes=True),
 }
 
 

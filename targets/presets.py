@@ -52,6 +52,14 @@ class Preset:
             return tvm.target.Target(self.target, host=self.host)
         return tvm.target.Target(self.target)
 
+    def portable_cpu_target(self):
+        """A TVM target for the CPU that runs this preset's host code, at the ISA every
+        CPU of its architecture has: what the build's weight transform is compiled for
+        (it runs once per load, where the model runs; speed does not matter there)."""
+        import tvm
+
+        return tvm.target.Target({"kind": "llvm", "mtriple": f"{self.arch}-linux-gnu"})
+
     def to_json(self) -> dict:
         """What a manifest or ``xcompile targets`` shows of this preset."""
         out = {"name": self.name, "family": self.family, "device": self.device,

@@ -23,7 +23,7 @@ LAYERS = [
     ["xcompile.tuning"],
     ["xcompile.build"],
     ["xcompile.runner", "xcompile.reference", "xcompile.verify", "xcompile.bench",
-     "xcompile.package"],
+     "xcompile.package", "xcompile.refit", "xcompile.kit"],
     ["xcompile.cli", "xcompile.__main__"],
 ]
 

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xcompile import targets
-from xcompile import frontend, pipeline
+from xcompile import frontend, pipeline, runtime
 from xcompile.errors import XCompileError, first_line
-from xcompile.manifest import BUILD, MODULE, PARAMS, write_manifest
+from xcompile.manifest import (BUILD, MAX_TRANSFORM_STAGES, MODULE, PARAMS, transform_file,
+                               write_manifest)
 from xcompile.files import atomic_dir, cache_folder, check_output_folder, sha256_file
 from xcompile.models import BuiltinSpec, resolve_model
 from xcompile.versions import versions
@@ -64,14 +65,16 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
                     custom_schedules: bool = True, cuda_graph: bool = True,
                     tuning_log: str | None = None,
                     cuda_arch: str | None = None, precision: str = "fp32",
-                    fuse_separable: bool = False) -> BuildOptions:
+                    fuse_separable: bool = False,
+                    builtin: BuiltinSpec | None = None) -> BuildOptions:
     """Fill in defaults and check what can be checked before any work is done (the
-    output folder before the built-in model is exported)."""
+    output folder before the built-in model is exported). Without ``model``, the
+    built-in model ``builtin`` (default: Xception, seed 0, 299x299) at ``batch``."""
     preset = targets.resolve(target)  # unknown names fail here, before an export
     if batch is not None and batch < 1:
         raise XCompileError(f"--batch must be >= 1, got {batch}")
     if model is None:
-        name = f"{BuiltinSpec.name}-{target}-b{batch or 1}"
+        name = f"{(builtin or BuiltinSpec()).name}-{target}-b{batch or 1}"
     else:
         name = f"{Path(model).stem}-{target}" + (f"-b{batch}" if batch else "")
     if output is None:
@@ -82,7 +85,7 @@ def resolve_options(model: str | None = None, target: str = targets.HOST,
 
         log_folder = resolve_folder(tuning_log, preset.name)  # fails early when absent
     check_output_folder(output, BUILD, inputs=[model, tuning_log, log_folder])
-    model_path, builtin = resolve_model(model, batch)
+    model_path, builtin = resolve_model(model, batch, builtin)
     if builtin is not None:
         batch = builtin.batch
     if precision not in pipeline.PRECISIONS:
@@ -153,6 +156,9 @@ class Compiled:
     kernels: dict[str, str]  # kernel name -> the rule that scheduled it
     weights: list  # what ``main`` takes after the input: transformed at build time
     weight_names: list[str]
+    # The weight transform (raw weights -> main's), a CPU module per stage, compiled for
+    # the CPU the build runs on: kept in the build folder for refits.
+    transform: list
     tuning: dict | None = None  # what a tuning log contributed
 
 
@@ -194,11 +200,18 @@ def compile_model(opts: BuildOptions) -> Compiled:
         first = first_line(e)
         raise XCompileError(f"TVM failed to compile for {preset.name}: {first}") from e
     log.info("transforming weights (layouts, packed panels)")
-    weights = pipeline.transform_weights(opt.weight_stages, imported.params)
+    if len(opt.weight_stages) > MAX_TRANSFORM_STAGES:
+        raise XCompileError(f"{len(opt.weight_stages)} weight transform stages; a build "
+                            f"folder holds {MAX_TRANSFORM_STAGES}")
+    transform = pipeline.compile_transform(opt.weight_stages, preset.portable_cpu_target())
+    here = transform if preset.arch == targets.detect_arch() else pipeline.compile_transform(
+        opt.weight_stages, tvm.target.Target({"kind": "llvm"}))
+    weights = runtime.apply_transform(here, imported.params)
     # By position: the lifted weights' variable names need not be unique.
     names = [f"w{i:04d}" for i in range(len(opt.mod["main"].params) - 1)]
-    return Compiled(preset, imported, executable, opt.kernels, weights, names,
+    return Compiled(preset, imported, executable, opt.kernels, weights, names, transform,
                     tuned.summary() if tuned else None)
+
 
 
 def build(opts: BuildOptions) -> dict:
@@ -215,6 +228,9 @@ def build(opts: BuildOptions) -> dict:
         _export(c.executable, c.preset, tmp / MODULE)
         params = dict(zip(c.weight_names, c.weights))
         (tmp / PARAMS).write_bytes(tvm.runtime.save_param_dict(params))
+        transform_files = [transform_file(i) for i in range(len(c.transform))]
+        for module, name in zip(c.transform, transform_files):
+            _export(module, c.preset, tmp / name)
         manifest = {
             "model": {"path": str(Path(opts.model).resolve()),
                       "sha256": sha256_file(opts.model),
@@ -227,11 +243,17 @@ def build(opts: BuildOptions) -> dict:
             "module": MODULE,
             "params": {"file": PARAMS, "names": c.weight_names,
                        "onnx_names": c.imported.param_names},
+            # The raw (ONNX) weights in the order the transform takes them: a refit
+            # must bring these names, shapes and dtypes.
+            "transform": {"files": transform_files, "raw": [
+                {"name": name, "shape": [int(s) for s in w.shape], "dtype": str(w.dtype)}
+                for name, w in zip(c.imported.param_names, c.imported.params)]},
             "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
             "tuning": c.tuning,
             "gpu_code": _gpu_code(tmp / MODULE, opts),
             # Checked before loading: dlopen of a damaged .so can crash the process.
-            "sha256": {name: sha256_file(tmp / name) for name in (MODULE, PARAMS)},
+            "sha256": {name: sha256_file(tmp / name)
+                       for name in (MODULE, PARAMS, *transform_files)},
             "build_seconds": round(time.perf_counter() - start, 2),
         }
         write_manifest(tmp, manifest)

@@ -207,6 +207,36 @@ def _run_foreign(args, manifest) -> int:
     return 0
 
 
+def cmd_refit(args) -> int:
+    from xcompile.refit import refit
+
+    manifest = refit(args.build, args.weights, args.output)
+    print(f"wrote {args.output} ({args.build} with the weights of {args.weights}) in "
+          f"{manifest['refit']['seconds']} s")
+    return 0
+
+
+def cmd_gpu_kit(args) -> int:
+    from xcompile.kit import make_kit
+
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(_positive(t) for t in text.split(","))
+
+    try:
+        batches = numbers(args.batches)
+    except argparse.ArgumentTypeError as e:
+        raise XCompileError(f"--batches: {e}") from None
+    precisions = tuple(args.precisions.split(","))
+    bad = [p for p in precisions if p not in ("fp32", "fp16")]
+    if bad:
+        raise XCompileError(f"--precisions takes fp32 and fp16, got {bad[0]!r}")
+    kit = make_kit(args.output, target=args.target, input_size=args.input_size,
+                   batches=batches, precisions=precisions, seed=args.seed)
+    print(f"wrote {args.output} ({len(kit['builds'])} builds for {kit['target']}, "
+          f"{kit['bytes'] / 2**20:.1f} MiB); on the GPU machine: {args.output}/run")
+    return 0
+
+
 def cmd_package(args) -> int:
     from xcompile.package import package
 
@@ -347,6 +377,27 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="FILE.npy", help="write the first output here")
     s.add_argument("--repeat", type=_positive, default=1, metavar="N")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("refit", help="a build with new weights (an ONNX file of the same "
+                                     "graph, or a timm checkpoint for the built-in model), "
+                                     "without rebuilding")
+    s.add_argument("build", metavar="DIR")
+    s.add_argument("--weights", required=True, metavar="FILE.onnx|FILE.pth")
+    s.add_argument("-o", "--output", required=True, metavar="DIR")
+    s.set_defaults(func=cmd_refit)
+
+    s = sub.add_parser("gpu-kit", help="write a kit that checks and times the built-in "
+                                       "Xception's CUDA builds on a GPU machine without TVM "
+                                       "(one command there: KIT/run)")
+    s.add_argument("-o", "--output", required=True, metavar="KIT")
+    s.add_argument("--target", default="cuda-sm90", metavar="NAME",
+                   help="the builds' target (default cuda-sm90; host: a kit of CPU builds, "
+                        "run with KIT/run --cpu)")
+    s.add_argument("--input-size", type=_positive, default=299, metavar="N")
+    s.add_argument("--batches", default="1,32", metavar="N[,M]")
+    s.add_argument("--precisions", default="fp32,fp16", metavar="fp32[,fp16]")
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights (made there)")
+    s.set_defaults(func=cmd_gpu_kit)
 
     s = sub.add_parser("package", help="make a self-contained bundle of a CPU build: the "
                                        "build, the C++ runner and the TVM runtime libraries "

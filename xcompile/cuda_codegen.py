@@ -93,16 +93,28 @@ def load_cuda_runtime_for_build(cache: Path) -> None:
     runtime.load_device_runtime("cuda")
 
 
+def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    """nvcc's ``-gencode`` flags: SASS for each of ``archs``, and PTX for the highest one
+    in its plain form (``compute_90``, not ``compute_90a``, whose PTX newer GPUs cannot
+    JIT), so that a GPU newer than all of them JIT-compiles the PTX when it loads."""
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
+    newest = max(int(a[3:].rstrip("a")) for a in archs)
+    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    return flags
+
+
 def nvcc_fatbin(code: str, archs: tuple[str, ...], nvcc: str, keep: Path) -> bytes:
-    """CUDA source -> one fatbin holding SASS for each of ``archs``. When nvcc rejects
+    """CUDA source -> one fatbin holding SASS for each of ``archs`` and PTX for the
+    newest (``gencode_flags``). When nvcc rejects
     the source (our bug: the source is generated), the source is kept under ``keep``
     and the error names the kernel nvcc stopped in."""
     with tempfile.TemporaryDirectory(prefix="xcompile-nvcc-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         src.write_text(code)
         cmd = [nvcc, "--fatbin", "-O3", "-std=c++17", "-o", str(out), str(src)]
-        for arch in archs:
-            cmd += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
+        cmd += gencode_flags(archs)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise _nvcc_failure(code, proc.stderr, keep)

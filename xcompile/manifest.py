@@ -20,6 +20,15 @@ from xcompile.files import OutputKind, read_regular
 MANIFEST = "manifest.json"
 MODULE = "module.so"
 PARAMS = "params.bin"
+MAX_TRANSFORM_STAGES = 4
+
+
+def transform_file(stage: int) -> str:
+    """The file of the weight transform's stage ``stage`` (a CPU module: raw weights in,
+    the next stage's or ``main``'s weights out)."""
+    return f"weights_transform_{stage}.so"
+
+
 FORMAT = 1
 
 
@@ -111,6 +120,15 @@ def _check(manifest, path: Path) -> dict:
             raise _Damaged(f"{path} is damaged: no checksum of {name}")
     for key in ("model", "options", "versions"):
         need(manifest, key, dict)
+    transform = manifest.get("transform")
+    if transform is not None:
+        files = need(transform, "files", list, "transform")
+        for name in files:
+            plain_name(name, path)
+            if not isinstance(sums.get(name), str):
+                raise _Damaged(f"{path} is damaged: no checksum of {name}")
+        for i, raw in enumerate(need(transform, "raw", list, "transform")):
+            _tensor(raw, path, f"transform.raw[{i}]")
     return manifest
 
 
@@ -154,4 +172,5 @@ def read_checked(folder: Path, name: str, manifest: dict) -> bytes:
     return data
 
 
-BUILD = OutputKind("build", is_build, frozenset({MANIFEST, MODULE, PARAMS}))
+BUILD = OutputKind("build", is_build, frozenset(
+    {MANIFEST, MODULE, PARAMS, *(transform_file(i) for i in range(MAX_TRANSFORM_STAGES))}))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from xcompile.manifest import BUILD, MANIFEST, read_checked, read_manifest
 from xcompile import runner
+from xcompile.runner import RUNNER
 from xcompile.files import OutputKind, atomic_dir, check_output_folder
 
 log = logging.getLogger(__name__)
 
-RUNNER = "xcompile_run"
 
 _README = """xcompile bundle: {model} for {target} ({arch})
 

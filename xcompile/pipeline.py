@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+# The function relax.transform.LiftTransformParams makes of the weights' computations.
+from xcompile.runtime import LIFTED
 
-LIFTED = "main_transform_params"  # the name relax.transform.LiftTransformParams gives
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,6 +184,8 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
     family = preset.family
     rules = (schedules.rules_for(family) if custom_schedules
              else schedules.baseline_rules_for(family))
+    if preset.device_kind.tensorizes:
+        schedules.register_tensor_intrinsics(preset.device)
     mod, graph_stage = lower(mod, preset, custom_schedules, precision, fuse_separable)
     with preset.tvm_target():
         if tuned is not None:
@@ -198,15 +201,9 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
     return Optimized(mod, [graph_stage, pack_stage], kernels)
 
 
-def transform_weights(stages: list, weights: list) -> list:
-    """Apply the weight stages on the CPU of this machine; returns the weights ``main``
-    takes. Runs once per build."""
+def compile_transform(stages: list, target) -> list:
+    """The weight stages compiled for ``target`` (a CPU): what ``apply_transform`` runs
+    and a build folder keeps (``weights_transform_<i>.so``) for refits."""
     import tvm
-    from tvm import relax
 
-    host = tvm.target.Target({"kind": "llvm"})
-    for stage in stages:
-        executable = tvm.compile(stage, target=host)
-        vm = relax.VirtualMachine(executable, tvm.cpu())
-        weights = list(vm[LIFTED](weights))
-    return weights
+    return [tvm.compile(stage, target=target) for stage in stages]

@@ -73,6 +73,70 @@ def device_available(device_name: str) -> bool:
         return False
 
 
+LIFTED = "main_transform_params"  # each weight transform stage's function
+
+
+def apply_transform(modules: list, weights: list) -> list:
+    """Run weight transform stages (compiled, or loaded from a build folder) on this
+    machine's CPU: raw weights in, the weights ``main`` takes out."""
+    tvm = _tvm()
+    from tvm.runtime import vm as tvm_vm
+
+    for module in modules:
+        vm = tvm_vm.VirtualMachine(module, tvm.cpu())
+        weights = list(vm[LIFTED](weights))
+    return weights
+
+
+def transformed_weights(folder: Path, manifest: dict, raw) -> list:
+    """``main``'s weights made from raw weights by the build's own transform: ``raw`` is
+    a list of arrays in the order of the manifest's ``transform.raw``, or a folder of
+    ``.npy`` files named by that order (``0000.npy``...). Names, shapes and dtypes must
+    be the build's; the transform modules are checked like the build's module."""
+    tvm = _tvm()
+    spec = manifest.get("transform")
+    if spec is None:
+        raise XCompileError(f"{folder} keeps no weight transform (built by an earlier "
+                            "xcompile); rebuild it to load raw weights")
+    wanted = [TensorInfo.from_json(r) for r in spec["raw"]]
+    if isinstance(raw, (str, os.PathLike)):
+        raw = load_raw_weights(Path(raw), len(wanted))
+    check_raw_weights(raw, wanted)
+    modules = []
+    arch = manifest["target"]["arch"]
+    for name in spec["files"]:
+        check_shared_object(folder / name, read_checked(folder, name, manifest), arch)
+        modules.append(tvm.runtime.load_module(str(folder / name)))
+    return apply_transform(modules, [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in raw])
+
+
+def load_raw_weights(folder: Path, count: int) -> list:
+    """Raw weights saved as ``0000.npy``, ``0001.npy``... in ``folder``."""
+    if not folder.is_dir():
+        raise XCompileError(f"raw weights folder not found: {folder}")
+    out = []
+    for i in range(count):
+        path = folder / f"{i:04d}.npy"
+        if not path.is_file():
+            raise XCompileError(f"{folder} lacks {path.name}: the build takes {count} "
+                                "raw weights")
+        try:
+            out.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as e:
+            raise XCompileError(f"{path} is not a .npy array ({first_line(e)})") from e
+    return out
+
+
+def check_raw_weights(raw: list, wanted: list) -> None:
+    """One line naming the first weight whose shape or dtype is not the build's."""
+    if len(raw) != len(wanted):
+        raise XCompileError(f"{len(raw)} weights given; the build takes {len(wanted)}")
+    for array, want in zip(raw, wanted):
+        if tuple(array.shape) != want.shape or str(array.dtype) != want.dtype:
+            raise XCompileError(f"weight {want.name!r} is {array.dtype} {tuple(array.shape)}; "
+                                f"the build takes {want.dtype} {want.shape}")
+
+
 _ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
 
@@ -106,7 +170,7 @@ class Predictor:
     Weights are uploaded to the device once, at load time.
     """
 
-    def __init__(self, folder: str | Path, device_id: int = 0):
+    def __init__(self, folder: str | Path, device_id: int = 0, raw_weights=None):
         tvm = _tvm()
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -127,7 +191,9 @@ class Predictor:
         params_path = self.folder / m["params"]["file"]
         check_shared_object(module_path, read_checked(self.folder, m["module"], m),
                             targets.detect_arch())
-        params_bytes = read_checked(self.folder, m["params"]["file"], m)
+        params_bytes = None
+        if raw_weights is None:
+            params_bytes = read_checked(self.folder, m["params"]["file"], m)
         self.device = tvm.device(device, device_id)
         if not self.device.exist:
             raise XCompileError(f"no {device} device {device_id} on this machine")
@@ -136,12 +202,15 @@ class Predictor:
         except Exception as e:
             raise XCompileError(f"cannot load {module_path}: "
                                 f"{first_line(e)}") from e
-        try:
-            params = tvm.runtime.load_param_dict(params_bytes)
-        except Exception as e:
-            raise XCompileError(f"cannot read {params_path}: "
-                                f"{first_line(e)}") from e
         names = m["params"]["names"]
+        if raw_weights is not None:  # the build's transform, on these raw weights
+            params = dict(zip(names, transformed_weights(self.folder, m, raw_weights)))
+        else:
+            try:
+                params = tvm.runtime.load_param_dict(params_bytes)
+            except Exception as e:
+                raise XCompileError(f"cannot read {params_path}: "
+                                    f"{first_line(e)}") from e
         missing = [n for n in names if n not in params]
         if missing:
             raise XCompileError(f"{params_path} lacks {len(missing)} weights "
@@ -189,6 +258,8 @@ class Predictor:
         return [o.numpy() for o in out]
 
 
-def load(folder: str | Path, device_id: int = 0) -> Predictor:
-    """Load a build folder made by ``xcompile build``."""
-    return Predictor(folder, device_id)
+def load(folder: str | Path, device_id: int = 0, raw_weights=None) -> Predictor:
+    """Load a build folder made by ``xcompile build``; with ``raw_weights`` (see
+    ``transformed_weights``) the build's own weight transform makes ``main``'s weights
+    from them instead of reading ``params.bin``."""
+    return Predictor(folder, device_id, raw_weights)

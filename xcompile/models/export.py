@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,8 +16,6 @@ log = logging.getLogger(__name__)
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-# Spatial size of the batch that calibrates the seeded batch-norm statistics.
-_CALIBRATION_SHAPE = (2, 3, 147, 147)
 
 
 def _xception():
@@ -27,7 +24,16 @@ def _xception():
     return Xception()
 
 
+def _seed_xception(model, seed: int) -> None:
+    from .xception import seed_weights
+
+    seed_weights(model, seed)
+
+
 BUILTIN_MODELS = {"xception": _xception}
+# How each built-in model gets seeded random weights (pure PyTorch code, with the model:
+# the GPU kit carries both to make the same weights where there is no xcompile).
+SEEDERS = {"xception": _seed_xception}
 MIN_INPUT_SIZE = {"xception": 71}
 
 
@@ -51,40 +57,6 @@ def _torch():
     except ImportError as e:  # pragma: no cover - torch is a declared dependency
         raise XCompileError("the built-in models need PyTorch: pip install torch==2.13.0") from e
     return torch
-
-
-def _seed_weights(model, seed: int) -> None:
-    """Deterministic random weights for ``seed``, with batch-norm statistics calibrated so
-    that every normalized activation has roughly zero mean and unit variance.
-
-    Weights come from torch's CPU generator (identical across machines). The statistics
-    are measured in float64 on one seeded batch, so they too are reproducible across CPUs.
-    """
-    torch = _torch()
-    nn = torch.nn
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                # He init over fan-out, as timm does for this model.
-                fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=gen)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average: one batch gives its exact statistics
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.in_features)
-                m.weight.uniform_(-bound, bound, generator=gen)
-                m.bias.uniform_(-bound, bound, generator=gen)
-        x = torch.randn(_CALIBRATION_SHAPE, generator=gen, dtype=torch.float64)
-        model.double().train()
-        model(x)
-        model.float().eval()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
 
 
 def _load_weights(model, path: str) -> None:
@@ -129,7 +101,7 @@ def make_torch_model(spec: BuiltinSpec):
     if spec.weights:
         _load_weights(model, spec.weights)
     else:
-        _seed_weights(model, spec.seed)
+        SEEDERS[spec.name](model, spec.seed)
     return model
 
 
@@ -172,9 +144,13 @@ def export_onnx(spec: BuiltinSpec, out: str | os.PathLike, dynamic_batch: bool =
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript; this one folds batch norm into the convolutions, as we want.
         warnings.simplefilter("ignore")
+        # PRESERVE keeps batch norm as BatchNormalization nodes (EVAL would fold it into
+        # the convolutions): the ONNX weights are then the model's own parameters and
+        # buffers, by their state-dict names, and a checkpoint or regenerated weights
+        # refit a build by name (xcompile folds batch norm in its weight transform).
         torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes=axes)
+                          dynamic_axes=axes, training=torch.onnx.TrainingMode.PRESERVE)
         import json
 
         import onnx
@@ -200,13 +176,17 @@ def builtin_onnx(spec: BuiltinSpec) -> Path:
     return path
 
 
-def resolve_model(model: str | None, batch: int | None) -> tuple[str, BuiltinSpec | None]:
+def resolve_model(model: str | None, batch: int | None,
+                  builtin: BuiltinSpec | None = None) -> tuple[str, BuiltinSpec | None]:
     """``(ONNX path, built-in spec or None)`` a command compiles: ``model``, or the
-    built-in Xception (generated once into the cache) when it is None."""
+    built-in model ``builtin`` (default: Xception, seed 0, 299x299) at ``batch``,
+    generated once into the cache, when it is None."""
     if batch is not None and batch < 1:
         raise XCompileError(f"--batch must be >= 1, got {batch}")
     if model is None:
-        builtin = BuiltinSpec(batch=batch or 1)
+        from dataclasses import replace
+
+        builtin = replace(builtin or BuiltinSpec(), batch=batch or 1)
         return str(builtin_onnx(builtin)), builtin
     if not Path(model).is_file():
         raise XCompileError(f"model file not found: {model}")

@@ -8,14 +8,21 @@ depthwise and pointwise halves of a separable convolution; linear residual conne
 Layer details (padding, bias-free convolutions, batch-norm epsilon 1e-5, ReLU placement)
 and parameter names match timm's ``legacy_xception``, so a checkpoint in that layout loads
 with ``load_state_dict(strict=True)`` and reproduces that model's outputs.
+
+This file is plain PyTorch (no other import): the GPU kit carries it to make the seeded
+weights (``seed_weights``) on a machine without xcompile.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 NUM_FEATURES = 2048
+# Spatial size of the batch that calibrates the seeded batch-norm statistics.
+CALIBRATION_SHAPE = (2, 3, 147, 147)
 
 
 class SeparableConv2d(nn.Module):
@@ -111,6 +118,38 @@ class Xception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.global_pool(self.forward_features(x))
         return self.fc(torch.flatten(x, 1))
+
+
+def seed_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic random weights for ``seed``, with batch-norm statistics calibrated so
+    that every normalized activation has roughly zero mean and unit variance.
+
+    Weights come from torch's CPU generator (identical across machines). The statistics
+    are measured in float64 on one seeded batch, so they too are reproducible across CPUs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init over fan-out, as timm does for this model.
+                fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=gen)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one batch gives its exact statistics
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=gen)
+                m.bias.uniform_(-bound, bound, generator=gen)
+        x = torch.randn(CALIBRATION_SHAPE, generator=gen, dtype=torch.float64)
+        model.double().train()
+        model(x)
+        model.float().eval()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
 
 
 def count_parameters(model: nn.Module) -> int:

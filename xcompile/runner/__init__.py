@@ -25,6 +25,7 @@ from xcompile.files import atomic_path, cache_folder, ours
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("xcompile_run.cc")
+RUNNER = "xcompile_run"  # its name in bundles and kits
 WHEELS = {"apache-tvm": "0.27.0.post1", "apache-tvm-ffi": "0.1.14.post1"}
 LIBS = {"tvm/lib/libtvm_runtime.so": "libtvm_runtime.so",
         "tvm_ffi/lib/libtvm_ffi.so": "libtvm_ffi.so"}

@@ -1,6 +1,7 @@
 // xcompile_run: run an xcompile build folder with nothing but the TVM runtime.
 //
 //   xcompile_run BUILD_DIR --input X.npy [--output Y.npy] [--outputs DIR] [--repeat N]
+//                [--raw-weights DIR] [--serve]
 //
 // Reads BUILD_DIR/manifest.json, checks the SHA-256 of the module and the weights it
 // names against it (a damaged or foreign .so is never opened), loads the module (a
@@ -8,7 +9,11 @@
 // `main(input, *weights)` with the weights in the manifest's order on the build's
 // device (the CPU, or CUDA GPU 0 for a CUDA build). The input's dtype and shape must be
 // the manifest's. --output writes the first output, --outputs DIR every output as
-// DIR/0.npy, DIR/1.npy...; the median latency is printed. Links libtvm_runtime and
+// DIR/0.npy, DIR/1.npy...; the median latency is printed. --raw-weights DIR takes the
+// model's raw (ONNX) weights as DIR/0000.npy, DIR/0001.npy... instead of params.bin and
+// makes main's weights from them with the build's own weight transform (its CPU
+// modules, checked like the module), as a refit does. --serve then keeps the model
+// loaded and times "run N" requests read from stdin. Links libtvm_runtime and
 // libtvm_ffi only; a CUDA build loads libtvm_runtime_cuda.so (and through it the CUDA
 // runtime and driver) at run time. Every failure is one `error: ...` line on stderr and
 // exit status 2.
@@ -115,11 +120,19 @@ std::string Sha256Hex(const std::string& data) {
 
 // What the runner needs of manifest.json, checked as it is read: a damaged manifest is
 // refused before any other file is opened.
+struct TensorSpec {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+};
+
 struct Manifest {
   std::string module, params, device, input_dtype;
   std::vector<int64_t> input_shape;
   std::vector<std::string> weight_names;
   std::string module_sha, params_sha;
+  // The weight transform: its stage modules (file, checksum) and the raw weights it takes.
+  std::vector<std::pair<std::string, std::string>> transform;
+  std::vector<TensorSpec> raw;
 };
 
 [[noreturn]] void Damaged(const std::string& dir, const std::string& why) {
@@ -189,6 +202,24 @@ Manifest ReadManifest(const std::string& dir) {
   auto sums = Obj(Field(m, "sha256", dir), "sha256", dir);
   out.module_sha = Str(Field(sums, out.module.c_str(), dir), "a checksum", dir);
   out.params_sha = Str(Field(sums, out.params.c_str(), dir), "a checksum", dir);
+  if (m.find(ffi::String("transform")) != m.end()) {
+    auto transform = Obj(Field(m, "transform", dir), "transform", dir);
+    for (const ffi::Any& f : Arr(Field(transform, "files", dir), "transform.files", dir)) {
+      std::string name = PlainName(Str(f, "a transform file", dir), dir);
+      out.transform.emplace_back(name, Str(Field(sums, name.c_str(), dir), "a checksum", dir));
+    }
+    for (const ffi::Any& r : Arr(Field(transform, "raw", dir), "transform.raw", dir)) {
+      auto raw = Obj(r, "a raw weight", dir);
+      TensorSpec spec{Str(Field(raw, "name", dir), "a raw weight's name", dir),
+                      Str(Field(raw, "dtype", dir), "a raw weight's dtype", dir), {}};
+      for (const ffi::Any& d : Arr(Field(raw, "shape", dir), "a raw weight's shape", dir)) {
+        auto v = d.try_cast<int64_t>();
+        if (!v.has_value() || *v < 0) Damaged(dir, "a raw weight's shape is not sizes");
+        spec.shape.push_back(*v);
+      }
+      out.raw.push_back(spec);
+    }
+  }
   return out;
 }
 
@@ -269,7 +300,7 @@ const DType& ByName(const std::string& name) {
   for (const DType& d : kDTypes) {
     if (name == d.name) return d;
   }
-  throw UserError("the build's input dtype " + name + " is not one the runner reads");
+  throw UserError("the dtype " + name + " is not one the runner reads");
 }
 
 const DType* ByDL(DLDataType t) {
@@ -335,16 +366,18 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-// The input as the build takes it: its dtype and shape are the manifest's.
-ffi::Tensor InputTensor(const Npy& npy, const Manifest& m, const std::string& path) {
-  const DType& want = ByName(m.input_dtype);
+// A tensor of the dtype and shape the build takes (`what`: the model's input, a weight).
+ffi::Tensor CheckedTensor(const Npy& npy, const std::string& dtype,
+                          const std::vector<int64_t>& shape, const std::string& path,
+                          const std::string& what) {
+  const DType& want = ByName(dtype);
   if (npy.descr != want.descr) {
-    throw UserError(path + " holds " + npy.descr + " data; the model's input is " + want.name +
+    throw UserError(path + " holds " + npy.descr + " data; " + what + " is " + want.name +
                     " ('" + want.descr + "')");
   }
-  if (npy.shape != m.input_shape) {
-    throw UserError(path + " has shape " + ShapeText(npy.shape) + "; the model's input is " +
-                    ShapeText(m.input_shape));
+  if (npy.shape != shape) {
+    throw UserError(path + " has shape " + ShapeText(npy.shape) + "; " + what + " is " +
+                    ShapeText(shape));
   }
   int64_t count = 1;
   for (int64_t v : npy.shape) count *= v;
@@ -452,6 +485,40 @@ void ConfigureThreads() {
   setenv("TVM_BIND_THREADS", "0", /*overwrite=*/0);
 }
 
+// main's weights made from raw weights (DIR/0000.npy...) by the build's weight transform:
+// each stage a CPU module whose main_transform_params maps a tuple of weights to the next.
+std::vector<ffi::Tensor> TransformedWeights(const std::string& dir, const Manifest& m,
+                                            const std::string& raw_dir) {
+  if (m.transform.empty()) {
+    throw UserError(dir + " keeps no weight transform (built by an earlier xcompile); "
+                    "rebuild it to load raw weights");
+  }
+  ffi::Array<ffi::Any> weights;
+  for (size_t i = 0; i < m.raw.size(); ++i) {
+    char name[16];
+    std::snprintf(name, sizeof(name), "%04zu.npy", i);
+    std::string path = raw_dir + "/" + name;
+    weights.push_back(CheckedTensor(ReadNpy(path), m.raw[i].dtype, m.raw[i].shape, path,
+                                    "the build's weight " + m.raw[i].name));
+  }
+  constexpr int kPooledAllocator = 2;
+  for (const auto& [file, sha] : m.transform) {
+    std::string path = dir + "/" + file;
+    CheckSharedObject(path, ReadChecked(dir, file, sha));
+    ffi::Module lib = ffi::Module::LoadFromFile(path);
+    ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+    vm->GetFunction("vm_initialization").value()(int(kDLCPU), 0, kPooledAllocator);
+    weights = vm->GetFunction("main_transform_params").value()(weights).cast<ffi::Array<ffi::Any>>();
+  }
+  std::vector<ffi::Tensor> out;
+  for (const ffi::Any& w : weights) out.push_back(w.cast<ffi::Tensor>());
+  if (out.size() != m.weight_names.size()) {
+    throw UserError(dir + "'s weight transform makes " + std::to_string(out.size()) +
+                    " weights; its module takes " + std::to_string(m.weight_names.size()));
+  }
+  return out;
+}
+
 int64_t ParseRepeat(const std::string& text) {
   char* end = nullptr;
   errno = 0;
@@ -464,8 +531,9 @@ int64_t ParseRepeat(const std::string& text) {
 }
 
 int Run(int argc, char** argv) {
-  std::string dir, input, output, outputs;
+  std::string dir, input, output, outputs, raw_dir;
   int64_t repeat = 1;
+  bool serve = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -476,12 +544,14 @@ int Run(int argc, char** argv) {
     else if (a == "--output") output = value();
     else if (a == "--outputs") outputs = value();
     else if (a == "--repeat") repeat = ParseRepeat(value());
+    else if (a == "--raw-weights") raw_dir = value();
+    else if (a == "--serve") serve = true;
     else if (dir.empty() && a.rfind("--", 0) != 0) dir = a;
     else throw UserError("unknown argument " + a);
   }
   if (dir.empty() || input.empty()) {
     throw UserError("usage: xcompile_run BUILD_DIR --input X.npy [--output Y.npy] "
-                    "[--outputs DIR] [--repeat N]");
+                    "[--outputs DIR] [--repeat N] [--raw-weights DIR] [--serve]");
   }
   Manifest m = ReadManifest(dir);
   if (!output.empty()) CheckWritable(output, false);
@@ -489,11 +559,11 @@ int Run(int argc, char** argv) {
   // Both files checked before either is used: the module is never opened unverified.
   std::string module_path = dir + "/" + m.module;
   std::string so = ReadChecked(dir, m.module, m.module_sha);
-  std::string blob = ReadChecked(dir, m.params, m.params_sha);
+  std::string blob = raw_dir.empty() ? ReadChecked(dir, m.params, m.params_sha) : std::string();
   CheckSharedObject(module_path, so);
   so.clear();
   Npy x = ReadNpy(input);
-  ffi::Tensor x_cpu = InputTensor(x, m, input);
+  ffi::Tensor x_cpu = CheckedTensor(x, m.input_dtype, m.input_shape, input, "the model's input");
   x.bytes.clear();
   ConfigureThreads();
 
@@ -510,18 +580,25 @@ int Run(int argc, char** argv) {
   } else {
     vm->GetFunction("vm_initialization").value()(int(kDLCPU), 0, kPooledAllocator);
   }
-  ffi::Function load_params = ffi::Function::GetGlobalRequired("runtime.LoadParams");
-  auto params = load_params(ffi::Bytes(blob.data(), blob.size()))
-                    .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-  blob.clear();
+  std::vector<ffi::Tensor> weights;  // main's, in its order
+  if (raw_dir.empty()) {
+    ffi::Function load_params = ffi::Function::GetGlobalRequired("runtime.LoadParams");
+    auto params = load_params(ffi::Bytes(blob.data(), blob.size()))
+                      .cast<ffi::Map<ffi::String, ffi::Tensor>>();
+    blob.clear();
+    for (const std::string& name : m.weight_names) {  // main's order, from the manifest
+      auto it = params.find(ffi::String(name));
+      if (it == params.end()) throw UserError(dir + "/" + m.params + " lacks the weight " + name);
+      weights.push_back((*it).second);
+    }
+  } else {
+    weights = TransformedWeights(dir, m, raw_dir);
+  }
 
   std::vector<ffi::Any> args;
   args.push_back(cuda ? CopyTo(x_cpu, dev) : x_cpu);
-  for (const std::string& name : m.weight_names) {  // main's order, from the manifest
-    auto it = params.find(ffi::String(name));
-    if (it == params.end()) throw UserError(dir + "/" + m.params + " lacks the weight " + name);
-    args.push_back(cuda ? CopyTo((*it).second, dev) : (*it).second);
-  }
+  for (const ffi::Tensor& w : weights) args.push_back(cuda ? CopyTo(w, dev) : w);
+  weights.clear();
   std::vector<ffi::AnyView> views(args.begin(), args.end());
   ffi::Function main_fn = vm->GetFunction("main").value();
 
@@ -541,20 +618,35 @@ int Run(int argc, char** argv) {
     return out;
   };
   std::vector<ffi::Tensor> out;
-  for (int64_t r = 0; r < repeat; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    main_fn.CallPacked(views.data(), int32_t(views.size()), &result);
-    out = results();
-    ms.push_back(std::chrono::duration<double, std::milli>(
-                     std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
+  auto time_runs = [&](int64_t n) {
+    ms.clear();
+    for (int64_t r = 0; r < n; ++r) {
+      auto t0 = std::chrono::steady_clock::now();
+      main_fn.CallPacked(views.data(), int32_t(views.size()), &result);
+      out = results();
+      ms.push_back(std::chrono::duration<double, std::milli>(
+                       std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ms.begin(), ms.end());
+  };
+  time_runs(repeat);
   if (!output.empty()) WriteNpy(output, out[0]);
   if (!outputs.empty()) {
     for (size_t i = 0; i < out.size(); ++i) WriteNpy(outputs + "/" + std::to_string(i) + ".npy", out[i]);
   }
   std::cout << "latency: median " << ms[ms.size() / 2] << " ms, min " << ms.front()
             << " ms over " << repeat << " runs" << std::endl;
+  if (serve) {
+    // Loaded once, timed on request: "run N" on stdin answers "ms MEDIAN MIN" (how a
+    // benchmark interleaves this process with other backends' rounds); EOF or "quit" ends.
+    std::string line;
+    while (std::getline(std::cin, line)) {
+      if (line == "quit") break;
+      if (line.rfind("run ", 0) != 0) throw UserError("--serve takes 'run N' or 'quit', got " + line);
+      time_runs(ParseRepeat(line.substr(4)));
+      std::cout << "ms " << ms[ms.size() / 2] << " " << ms.front() << std::endl;
+    }
+  }
   return 0;
 }
 

@@ -151,7 +151,7 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
         "builtin": opts.builtin.to_json() if opts.builtin else None}
 
-    space.register_tensor_intrinsics(preset.device)
+    schedules.register_tensor_intrinsics(preset.device)
     rules = schedules.rules_for(preset.family)
     cores = int(target.attrs.get("num-cores", targets.host_cores()))
     builder = measure.make_builder(target, cores, preset.cross_cc if opts.rpc_tracker else None)

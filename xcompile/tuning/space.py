@@ -11,10 +11,6 @@ search starts, so a tuned kernel is never slower, as measured, than the untuned 
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
-
-from xcompile import targets
 
 log = logging.getLogger(__name__)
 
@@ -70,39 +66,11 @@ def search_rules(target):
     return rules
 
 
-def register_tensor_intrinsics(device: str) -> None:
-    """Register the tensor intrinsics MetaSchedule's rules may use on ``device`` (its
-    ``tensor_intrinsics`` modules of ``tvm.s_tir.tensor_intrin``).
-
-    The package's ``__init__`` runs every module of it: 30 s here, 25 s of it CUDA's,
-    where CPU tuning needs the x86 and ARM ones (0.2 s). Each module is run once, under
-    its own name and entered in ``sys.modules`` as a normal import would enter it: an
-    import of the whole package later in the process finds it there and runs only the
-    others (no intrinsic is registered twice, none is missing)."""
-    import importlib.util
-
-    import tvm.s_tir
-
-    folder = Path(tvm.s_tir.__file__).parent / "tensor_intrin"
-    for sub in targets.device(device).tensor_intrinsics:
-        name = f"tvm.s_tir.tensor_intrin.{sub}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, folder / f"{sub}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-
-
 def tune_context(mod, target, space_generator, search_strategy, task_name: str,
                  num_threads: int):
     """MetaSchedule's ``TuneContext``, made as its ``__init__`` makes it except for that
     method's first statement, ``import tvm.s_tir.tensor_intrin`` (the whole package, 30
-    s: see ``register_tensor_intrinsics``, which the driver calls instead)."""
+    s: see ``schedules.register_tensor_intrinsics``, which the driver calls instead)."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule import _ffi_api
     from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
