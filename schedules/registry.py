@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 RULE_ATTR = "xcompile.rule"
 UNSCHEDULED = "unscheduled"
+# What a kernel computes, recorded before it is scheduled (a schedule pads and packs):
+# its kind (analysis.classify) and its floating-point operations per call.
+KIND_ATTR = "xcompile.kind"
+FLOPS_ATTR = "xcompile.flops"
 
 # family -> list of factories, in priority order; filled by the family modules.
 _FACTORIES: dict[str, list[Callable[[], object]]] = {}
@@ -124,6 +128,54 @@ def apply_rules(rules: list):
         return mod
 
     return _pass
+
+
+def annotate_work():
+    """A module pass recording on every PrimFunc its kind and FLOPs per call (what
+    ``kernel_work`` reports; a profile divides the FLOPs by the kernel's time)."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    from .analysis import classify
+
+    @tvm.transform.module_pass(opt_level=0, name="xcompile.AnnotateWork")
+    def _pass(mod, _ctx):
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, tirx.PrimFunc) and FLOPS_ATTR not in (func.attrs or {}):
+                flops = float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
+                mod[gvar] = func.with_attr(KIND_ATTR, classify(func)).with_attr(
+                    FLOPS_ATTR, tirx.FloatImm("float64", flops))
+        return mod
+
+    return _pass
+
+
+def without_work(func):
+    """``func`` without ``annotate_work``'s attributes: the function as the tuner saw it
+    (a tuning record's workload hash is of the bare function)."""
+    for attr in (KIND_ATTR, FLOPS_ATTR):
+        if func.attrs is not None and attr in func.attrs:
+            func = func.without_attr(attr)
+    return func
+
+
+def with_work_of(func, annotated):
+    """``func`` carrying ``annotated``'s kind and FLOPs (a tuned schedule of it)."""
+    for attr in (KIND_ATTR, FLOPS_ATTR):
+        if annotated.attrs is not None and attr in annotated.attrs:
+            func = func.with_attr(attr, annotated.attrs[attr])
+    return func
+
+
+def kernel_work(mod) -> dict[str, tuple[str, float]]:
+    """Kernel name -> (kind, FLOPs per call) as ``annotate_work`` recorded them."""
+    from tvm import tirx
+
+    out = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and FLOPS_ATTR in (func.attrs or {}):
+            out[gvar.name_hint] = (str(func.attrs[KIND_ATTR]), float(func.attrs[FLOPS_ATTR]))
+    return out
 
 
 def tag_scheduled(func, rule: str):

@@ -32,6 +32,9 @@ class Device:
     # (Modules a later one imports come first: they are run in this order.)
     tensor_intrinsics: tuple[str, ...] = ("x86", "dot_product_common", "arm_cpu")
     tensorizes: bool = False
+    # exp, erf, tanh are scalar library calls here (LLVM's, one call per vector lane), so
+    # kernels get vectorizable polynomials instead (xcompile.polynomial_math).
+    scalar_transcendentals: bool = True
 
 
 DEVICES = {
@@ -42,7 +45,7 @@ DEVICES = {
                    captures_graphs=True, compiles_device_code=True,
                    runtime_dependencies=("libcudart.so.13",), torch_device="cuda",
                    relax_backend="cuda", tensor_intrinsics=("cuda",),
-                   tensorizes=True),
+                   tensorizes=True, scalar_transcendentals=False),
 }
 
 

@@ -38,6 +38,10 @@ class Preset:
     remote_cores: int = 4
     # CPU features (/proc/cpuinfo flags) the preset's code needs on its machine.
     cpu_flags: frozenset[str] = frozenset()
+    # CPU presets: the vector width and the FMA pipes per core the peak FLOP rate is
+    # estimated from (vector_bits / 32 lanes x 2 FLOPs x fma_units x cores x clock).
+    vector_bits: int = 0
+    fma_units: int = 0
 
     @property
     def device_kind(self) -> Device:
@@ -68,6 +72,8 @@ class Preset:
             out["host"] = self.host
         if self.cross_cc:
             out["cross_cc"] = self.cross_cc
+        if self.vector_bits:
+            out["vector_bits"], out["fma_units"] = self.vector_bits, self.fma_units
         return out
 
 
@@ -87,15 +93,19 @@ _TABLE = [
     Preset("x86-avx512", "x86-64 with AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and newer)",
            family="x86", device="cpu", arch="x86_64",
            target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"},
-           cpu_flags=frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"})),
+           cpu_flags=frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}),
+           # Two 512-bit FMA pipes: Xeon Scalable (Gold/Platinum), Sapphire Rapids, Zen 5
+           # (Zen 4 runs 512-bit FMAs as two halves: half this peak).
+           vector_bits=512, fma_units=2),
     Preset("x86-avx2", "x86-64 with AVX2 + FMA (Haswell, Zen 1-3 and newer)",
            family="x86", device="cpu", arch="x86_64",
            target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
-           cpu_flags=frozenset({"avx2", "fma"})),
+           cpu_flags=frozenset({"avx2", "fma"}), vector_bits=256, fma_units=2),
     Preset("arm64-neon", "64-bit ARM with NEON (Cortex-A53/A72/A76, Neoverse, Graviton)",
            family="arm", device="cpu", arch="aarch64",
            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-           cross_cc="aarch64-linux-gnu-g++"),
+           cross_cc="aarch64-linux-gnu-g++",
+           vector_bits=128, fma_units=2),  # Cortex-A76/A78, Neoverse N1 (A53/A72: 1)
     _cuda("sm_80", "A100 / A30"),
     _cuda("sm_86", "RTX 30xx / A10 / A40"),
     _cuda("sm_89", "RTX 40xx / L4 / L40"),
@@ -172,6 +182,32 @@ def resolve(name: str) -> Preset:
     if preset.device_kind.is_host:
         preset = replace(preset, target={**preset.target, "num-cores": cores})
     return preset
+
+
+def host_clock() -> tuple[float, str]:
+    """This machine's core clock in GHz and where it was read: the kernel's cpufreq
+    maximum (turbo included), else /proc/cpuinfo's ``cpu MHz`` (what a VM's hypervisor
+    reports, or the clock at that moment), else the GHz in the CPU's model name;
+    (0.0, reason) when none says."""
+    import re
+
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            return int(f.read()) / 1e6, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return 0.0, "no clock reported"
+    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.M)
+    if mhz:
+        return float(mhz.group(1)) / 1e3, "/proc/cpuinfo cpu MHz"
+    named = re.search(r"^model name\s*:.*@\s*([0-9.]+)\s*GHz", text, re.M)
+    if named:
+        return float(named.group(1)), "the CPU's model name"
+    return 0.0, "no clock reported"
 
 
 def detect_arch() -> str:

@@ -121,20 +121,6 @@ def test_default_build_299_verifies_from_cli(tmp_path):
     assert np.load(tmp_path / "y.npy").shape == (1, 1000)
 
 
-def test_bench_reports_ratio(mobile_onnx, tmp_path):
-    out = tmp_path / "mb"
-    build(resolve_options(model=str(mobile_onnx), output=str(out)))
-    proc = run_cli("bench", str(out), "--repeat", "3", "--json", str(tmp_path / "b.json"))
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "b.json").read_text())
-    backends = [t["backend"] for t in result["timings"]]
-    assert backends == ["xcompile", "onnxruntime"]
-    assert all(len(t["samples_ms"]) == 3 and t["median_ms"] > 0 for t in result["timings"])
-    ours, ort = (t["median_ms"] for t in result["timings"])
-    assert result["ratios"]["onnxruntime"] == pytest.approx(ours / ort, rel=1e-3)
-    assert "xcompile / onnxruntime" in proc.stdout
-
-
 def test_no_custom_schedules_keeps_the_plain_path(mobile_onnx, tmp_path):
     out = tmp_path / "plain"
     proc = run_cli("build", "--model", str(mobile_onnx), "--no-custom-schedules",

@@ -264,7 +264,8 @@ def _mobile_depthwise(mobile_onnx) -> str:
 def tuned_log(mobile_onnx, tmp_path_factory) -> tuple[Path, str]:
     task = _mobile_depthwise(mobile_onnx)
     logs = tmp_path_factory.mktemp("faultlog") / "logs"
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "10", "--tasks",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", "10", "--tasks",
                    f"^{task}$", "--log-dir", str(logs))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return logs, task
@@ -272,7 +273,8 @@ def tuned_log(mobile_onnx, tmp_path_factory) -> tuple[Path, str]:
 
 def _tune_in_background(mobile_onnx, task, logs, trials=400, env=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "xcompile", "tune", "--model", str(mobile_onnx), "--tasks",
+        [sys.executable, "-m", "xcompile", "tune", "--no-validate",
+         "--model", str(mobile_onnx), "--tasks",
          f"^{task}$", "--log-dir", str(logs), "--trials", str(trials)], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})})
@@ -296,7 +298,8 @@ def test_one_tune_at_a_time_per_log_and_ctrl_c_ends_it(mobile_onnx, tuned_log, t
     try:
         _wait_for_records(logs, first, count=1 + len(
             (tuned_log[0] / "host" / "database_tuning_record.json").read_text().splitlines()))
-        second = run_cli("tune", "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
+        second = run_cli("tune", "--no-validate",
+                         "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
                          "--log-dir", str(logs), "--trials", "500")
         assert_one_line_error(second, "in use", f"pid {first.pid}")
         build = run_cli("build", "--model", str(mobile_onnx), "--tuning-log", str(logs),
@@ -333,7 +336,8 @@ def test_unreadable_and_foreign_lines_are_kept_aside_not_deleted(mobile_onnx, tu
         f.write(lines[-1][: len(lines[-1]) // 2])  # torn by a kill: no newline
     with open(folder / "database_workload.json", "a") as f:
         f.write('["123", "not a module"]\n')
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
                    "--log-dir", str(logs), "--trials", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     kept = [json.loads(line) for line in records.read_text().splitlines()]  # all parse
@@ -431,7 +435,8 @@ def test_kill_9_of_tune_leaves_no_workers_and_loses_no_records(mobile_onnx, tune
         time.sleep(0.2)
     assert _processes_with(tag) == [], "workers outlived the tuner"
     # The next run resumes: every line kept (a torn last one set aside, not lost).
-    done = run_cli("tune", "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
+    done = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--tasks", f"^{tuned_log[1]}$",
                    "--log-dir", str(logs), "--trials", "8")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(x) for x in records.read_text().splitlines()]  # all parse

@@ -123,13 +123,15 @@ def test_rerun_resumes_without_redoing_work(tuned, mobile_onnx, regex, names, tm
     logs = _copy(tuned[0], tmp_path)
     before = json.loads((logs / "host" / "tuning.json").read_text())
     records = len(_lines(logs / "host" / "database_tuning_record.json"))
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", str(TRIALS), "--tasks",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", str(TRIALS), "--tasks",
                    regex, "--log-dir", str(logs))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no search to run" in proc.stderr
     assert len(_lines(logs / "host" / "database_tuning_record.json")) == records
     # A larger budget continues from there.
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", str(TRIALS + 8),
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", str(TRIALS + 8),
                    "--tasks", regex, "--log-dir", str(logs))
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((logs / "host" / "tuning.json").read_text())
@@ -190,6 +192,87 @@ def test_tuned_config_and_record_apply_and_verify(tuned, mobile_onnx, names, tmp
     assert len(m["tuning"]["applied"]) == 2
 
 
+def test_tune_validates_its_log_in_the_whole_model(tuned, mobile_onnx, names, regex,
+                                                   tmp_path):
+    """The tune ends by timing the model with and without the log; here, on a log where a
+    configuration and a record are rigged to win alone, each is kept exactly when its
+    kernel got faster inside the model, the verdict is stamped with the log it judged,
+    and a build applies what was kept."""
+    from xcompile.tuning import log_folder, resolve_tune_options
+    from xcompile.tuning_validation import KERNEL_GAIN, validate
+
+    logs, proc = tuned
+    assert "validated in the whole model" in proc.stdout
+    assert (logs / "host" / "validation.json").is_file()
+    logs = _copy(logs, tmp_path)
+    _edit_manifest(logs, _rig_both(names))
+    v = validate(resolve_tune_options(model=str(mobile_onnx), tasks=regex,
+                                      log_dir=str(logs)), rounds=3)
+    folder = logs / "host"
+    assert json.loads((folder / "validation.json").read_text())["log_stamp"] == \
+        log_folder.log_stamp(folder)
+    assert len(v["workloads"]) == 2, v
+    for row in v["workloads"]:
+        assert row["untuned_ms"] > 0 and row["tuned_ms"] > 0
+        assert row["kept"] == (row["tuned_ms"] <= KERNEL_GAIN * row["untuned_ms"])
+        if not row["kept"]:
+            assert row["workload"] in v["rejected"]
+    assert v["estimate_ms"]["untuned"] > 0 and v["kernels_in_model_ms"]["untuned"] > 0
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b")
+    kept = {k for row in v["workloads"] if row["workload"] not in v["rejected"]
+            for k in row["kernels"]}
+    assert set(m["tuning"]["applied"]) == kept and m["tuning"]["validated"]
+
+
+def _rig_both(names):
+    """A manifest edit: our other configuration wins alone on the pointwise task, a
+    MetaSchedule record on the depthwise one."""
+    def rig(m):
+        for t in m["tasks"].values():
+            if t["name"] == names["pointwise"]:
+                t["configs"] = {k: (1e-6 if k != t["default_config"] else 1.0)
+                                for k in t["configs"]}
+            if t["name"] == names["depthwise"]:
+                t["baseline_ms"] = 1e3
+                t["configs"] = {k: 1e3 for k in t["configs"]}
+
+    return rig
+
+
+def test_validation_decides_per_workload():
+    from xcompile.tuning_validation import decide
+
+    untuned = {"a": 1.0, "a2": 1.0, "b": 1.0, "c": 1.0}
+    tuned = {"a": 0.5, "a2": 1.6, "b": 0.9, "c": 0.995}
+    # a and a2 share a workload: its sum got slower (2.1 vs 2.0), so it is rejected.
+    rejected, rows = decide(untuned, tuned, {"a": "h1", "a2": "h1", "b": "h2", "c": "h3",
+                                             "gone": "h4"})
+    assert rejected == ["h1", "h3"]
+    assert {r["workload"]: r["kept"] for r in rows} == {"h1": False, "h2": True, "h3": False}
+
+
+def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path):
+    """With both kinds of result rigged to win alone, a validation rejecting the
+    pointwise one leaves it to our rule; once the log changes, the validation is stale
+    and every result applies again."""
+    from xcompile.tuning import log_folder
+
+    logs = _copy(tuned[0], tmp_path)
+
+    _edit_manifest(logs, _rig_both(names))
+    manifest = json.loads((logs / "host" / "tuning.json").read_text())
+    pointwise = next(h for h, t in manifest["tasks"].items() if t["name"] == names["pointwise"])
+    log_folder.write_validation(logs / "host", {"rejected": [pointwise]})
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b1")
+    assert set(m["tuning"]["applied"]) == {names["depthwise"]}, m["tuning"]
+    assert m["tuning"]["validated"] and names["pointwise"] in m["tuning"]["kept_default"]
+    _edit_manifest(logs, lambda m: m["runs"].append({"edited": True}))
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b2")
+    assert set(m["tuning"]["applied"]) == {names["depthwise"], names["pointwise"]}
+    assert not m["tuning"]["validated"]
+    assert "changed since it was validated" in m["_stderr"]
+
+
 def test_slower_results_never_replace_our_schedule(tuned, mobile_onnx, names, tmp_path):
     logs = _copy(tuned[0], tmp_path)
 
@@ -243,7 +326,8 @@ def test_log_for_another_target_is_refused(tuned, mobile_onnx, regex, tmp_path):
                    str(tmp_path / "b"))
     assert_one_line_error(proc, "tuned for target", "refusing")
     assert not (tmp_path / "b").exists()
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "4", "--tasks", regex,
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", "4", "--tasks", regex,
                    "--log-dir", str(logs))
     assert_one_line_error(proc, "tuned for target")
 
@@ -286,7 +370,8 @@ def test_rpc_loopback(mobile_onnx, names, tmp_path):
             assert server.poll() is None and tracker.poll() is None, "RPC process exited"
             time.sleep(0.5)
         logs = tmp_path / "logs"
-        proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "8", "--tasks",
+        proc = run_cli("tune", "--no-validate",
+                       "--model", str(mobile_onnx), "--trials", "8", "--tasks",
                        f"^{names['depthwise']}$", "--log-dir", str(logs), "--rpc-tracker",
                        f"127.0.0.1:{port}", "--rpc-key", "xc-test")
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -312,7 +397,8 @@ def test_rpc_loopback(mobile_onnx, names, tmp_path):
     (["--target", "nope"], ["nope"]),
 ])
 def test_tune_rejects_bad_options(mobile_onnx, tmp_path, args, needles):
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "4", "--log-dir",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", "4", "--log-dir",
                    str(tmp_path / "logs"), *args)
     assert_one_line_error(proc, *needles)
 
@@ -342,7 +428,8 @@ def test_shipped_log_is_used_only_for_its_target(tuned, monkeypatch, tmp_path):
 
 def test_only_ours_times_our_configurations_without_a_search(mobile_onnx, names, tmp_path):
     logs = tmp_path / "logs"
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "10", "--tasks",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", "10", "--tasks",
                    f"^{names['pointwise']}$", "--log-dir", str(logs), "--only-ours")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no search to run" in proc.stderr
@@ -356,7 +443,8 @@ def test_only_ours_times_our_configurations_without_a_search(mobile_onnx, names,
 
 def test_trials_per_task_caps_each_task(mobile_onnx, names, tmp_path):
     logs = tmp_path / "logs"
-    proc = run_cli("tune", "--model", str(mobile_onnx), "--trials", "40", "--tasks",
+    proc = run_cli("tune", "--no-validate",
+                   "--model", str(mobile_onnx), "--trials", "40", "--tasks",
                    f"^{names['pointwise']}$", "--log-dir", str(logs), "--only-ours",
                    "--trials-per-task", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -154,6 +154,7 @@ class Compiled:
     imported: frontend.ImportedModel
     executable: object  # tvm.relax.VMExecutable
     kernels: dict[str, str]  # kernel name -> the rule that scheduled it
+    work: dict[str, tuple[str, float]]  # kernel name -> (kind, FLOPs per call)
     weights: list  # what ``main`` takes after the input: transformed at build time
     weight_names: list[str]
     # The weight transform (raw weights -> main's), a CPU module per stage, compiled for
@@ -209,7 +210,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     weights = runtime.apply_transform(here, imported.params)
     # By position: the lifted weights' variable names need not be unique.
     names = [f"w{i:04d}" for i in range(len(opt.mod["main"].params) - 1)]
-    return Compiled(preset, imported, executable, opt.kernels, weights, names, transform,
+    return Compiled(preset, imported, executable, opt.kernels, opt.work, weights, names,
+                    transform,
                     tuned.summary() if tuned else None)
 
 
@@ -248,7 +250,9 @@ def build(opts: BuildOptions) -> dict:
             "transform": {"files": transform_files, "raw": [
                 {"name": name, "shape": [int(s) for s in w.shape], "dtype": str(w.dtype)}
                 for name, w in zip(c.imported.param_names, c.imported.params)]},
-            "kernels": [{"name": k, "rule": r} for k, r in sorted(c.kernels.items())],
+            "kernels": [{"name": k, "rule": r, "kind": c.work.get(k, ("other", 0.0))[0],
+                         "flops": c.work.get(k, ("other", 0.0))[1]}
+                        for k, r in sorted(c.kernels.items())],
             "tuning": c.tuning,
             "gpu_code": _gpu_code(tmp / MODULE, opts),
             # Checked before loading: dlopen of a damaged .so can crash the process.

@@ -131,6 +131,22 @@ def cmd_tune(args) -> int:
               f"{best or float('nan'):>9.3f} {speed:>7}")
     print(f"log {args.log_dir}: {m['trials']} trials, {m['wall_seconds']:.0f} s of tuning "
           f"in all; convergence plot in {m['target']['name']}/convergence.png")
+    if not args.no_validate:
+        from xcompile.tuning_validation import validate
+
+        v = validate(opts)
+        if v is not None:
+            kept = [w for w in v["workloads"] if w["kept"] and w["workload"] not in v["rejected"]]
+            est, measured = v["estimate_ms"], v.get("kernels_in_model_ms", {})
+            print(f"validated in the whole model ({v['seconds']:.0f} s): {len(kept)} of "
+                  f"{len(v['workloads'])} tuned kernels kept; {v['model']['outcome']}")
+            if "untuned_ms" in v["model"]:
+                print(f"  end to end: {v['model']['untuned_ms']:.2f} ms untuned, "
+                      f"{v['model']['validated_ms']:.2f} ms with the log")
+            if measured:
+                print(f"  kernels, estimated alone vs measured in the model: untuned "
+                      f"{est['untuned']:.2f} vs {measured['untuned']:.2f} ms, tuned "
+                      f"{est['tuned']:.2f} vs {measured['tuned']:.2f} ms")
     return 0
 
 
@@ -268,15 +284,25 @@ def cmd_bench(args) -> int:
     if args.json:  # checked before the run, not after
         check_output_file(args.json, _is_bench_json, inputs=[args.build, args.input])
     result = bench(args.build, model=args.model, input_path=args.input, repeat=args.repeat,
-                   warmup=args.warmup, with_torch=not args.no_torch)
+                   warmup=args.warmup, with_torch=not args.no_torch,
+                   with_openvino=not args.no_openvino)
     print(format_table(result))
+    if args.memory:
+        from xcompile.bench import format_memory, memory
+
+        result["memory"] = memory(args.build, model=args.model, input_path=args.input)
+        print("\nresident memory, each backend alone in a fresh process (load + 5 runs):")
+        print(format_memory(result["memory"]))
     if args.profile:
-        from xcompile.bench import format_profile, profile
+        from xcompile.bench import format_profile, peak_gflops, profile
+        from xcompile.manifest import read_manifest
 
         rows = profile(args.build, input_path=args.input)
+        peak = peak_gflops(read_manifest(args.build))
         result["profile"] = rows
+        result["peak"] = {"gflops": peak[0], "how": peak[1]} if peak else None
         print(f"\ntop kernels by time ({len(rows)} kernels):")
-        print(format_profile(rows))
+        print(format_profile(rows, peak))
     if args.json:
         with atomic_path(args.json, _is_bench_json, inputs=[args.build, args.input]) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -368,6 +394,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--rpc-key", metavar="KEY", help="the remote device's key")
     s.add_argument("--only-ours", action="store_true",
                    help="search only our rules' tilings, not MetaSchedule's own space")
+    s.add_argument("--no-validate", action="store_true",
+                   help="skip the check in the whole model (builds with and without the "
+                        "log, timed per kernel and end to end) that decides which results "
+                        "builds apply; then every result that won alone applies")
     s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("run", help="run a build on an input, print top-5 and latency "
@@ -414,15 +444,21 @@ def make_parser() -> argparse.ArgumentParser:
                    help="relative tolerance (default 1e-4; 1e-2 for fp16 builds)")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("bench", help="time a build against ONNX Runtime and PyTorch")
+    s = sub.add_parser("bench", help="time a build against ONNX Runtime, OpenVINO and "
+                                     "PyTorch (and measure memory)")
     s.add_argument("build", metavar="DIR")
     s.add_argument("--model", metavar="FILE.onnx", help="the ONNX file (default: the build's)")
     s.add_argument("--input", metavar="FILE.npy", help="input (default: seeded random)")
     s.add_argument("--repeat", type=_positive, default=10, metavar="N", help="timed rounds")
     s.add_argument("--warmup", type=_count, default=1, metavar="N", help="untimed rounds")
     s.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    s.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
+    s.add_argument("--memory", action="store_true",
+                   help="also measure each backend's peak and final resident memory, each "
+                        "alone in a fresh process")
     s.add_argument("--profile", action="store_true",
-                   help="also time each kernel and show the 10 slowest with their rules")
+                   help="also time each kernel: the 10 slowest with their rules, time per "
+                        "kind of kernel, GFLOP/s and the share of the CPU's peak")
     s.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     s.set_defaults(func=cmd_bench)
     return p

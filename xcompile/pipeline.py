@@ -31,12 +31,14 @@ class Optimized:
 
     ``mod`` holds ``main(input, *weights)``; ``weight_stages`` are modules whose
     ``main_transform_params`` maps a tuple of weights to the next stage's, the last to
-    the tuple ``mod``'s main takes; ``kernels`` maps kernel names to the rule that scheduled each.
+    the tuple ``mod``'s main takes; ``kernels`` maps kernel names to the rule that scheduled each,
+    ``work`` to their kind and FLOPs per call.
     """
 
     mod: object
     weight_stages: list
     kernels: dict[str, str]
+    work: dict[str, tuple[str, float]]  # kernel name -> (kind, FLOPs per call)
 
 
 def _lift_weights(mod):
@@ -77,8 +79,10 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
     import tvm
     from tvm import relax
 
+    from xcompile.batch_norm_folding import fold_batch_norm
+
     t = relax.transform
-    passes = [t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
+    passes = [fold_batch_norm(), t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
     if precision == "fp16":
@@ -99,18 +103,23 @@ def _relu(bb, call):
     return bb.call_te(compute, call.args[0], primfunc_name_hint="relu")
 
 
-def lowering_passes():
+def lowering_passes(polynomials: bool = False):
     """Legalize to TIR and fuse: Relax's zero pipeline (LegalizeOps, AnnotateTIROpPattern,
-    FoldConstant, FuseOps, FuseTIR), then dead code elimination; ReLU is legalized first,
-    our way (``_relu``)."""
+    FoldConstant, FuseOps, FuseTIR), then dead code elimination. ReLU is legalized first,
+    our way (``_relu``), and with ``polynomials`` (devices whose exp is a scalar library
+    call) exp, sigmoid, erf, tanh and the activations made of them as vectorizable
+    polynomials (``polynomial_math``)."""
     import tvm
     from tvm import relax
 
-    legalize_relu = relax.transform.LegalizeOps(
-        customize_legalize_map={"relax.nn.relu": _relu})
+    from xcompile import polynomial_math
+
+    ours = {"relax.nn.relu": _relu}
+    if polynomials:
+        ours.update(polynomial_math.legalizations())
     return tvm.transform.Sequential(
-        [legalize_relu, relax.get_pipeline("zero"), relax.transform.DeadCodeElimination()],
-        name="xcompile.Lowering")
+        [relax.transform.LegalizeOps(customize_legalize_map=ours), relax.get_pipeline("zero"),
+         relax.transform.DeadCodeElimination()], name="xcompile.Lowering")
 
 
 COMPILE_PIPELINE = "xcompile"
@@ -164,7 +173,8 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
     with preset.tvm_target():
         mod = graph_passes(layout, precision)(mod)
         mod, graph_stage = _lift_weights(mod)
-        mod = lowering_passes()(mod)
+        mod = lowering_passes(custom_schedules
+                              and preset.device_kind.scalar_transcendentals)(mod)
         if custom_schedules and fuse_separable and schedules.fuses_separable(preset.family):
             rule, target = schedules.separable_rule(preset.family), preset.tvm_target()
             mod = fusion(lambda func: rule.apply(func, target) is not None)(mod)
@@ -188,6 +198,7 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
         schedules.register_tensor_intrinsics(preset.device)
     mod, graph_stage = lower(mod, preset, custom_schedules, precision, fuse_separable)
     with preset.tvm_target():
+        mod = schedules.annotate_work()(mod)
         if tuned is not None:
             mod = tuned.apply_pass()(mod)
         mod = schedules.apply_rules(rules)(mod)
@@ -196,9 +207,10 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
         mod = relax.transform.DeadCodeElimination(["main"])(mod)
         # Read after the split: kernels with packed weights are renamed (*_prepacked).
         kernels = schedules.kernel_rules(mod)
+        work = schedules.kernel_work(mod)
     log.info("%d kernels; %d scheduled by rules", len(kernels),
              sum(r != schedules.UNSCHEDULED for r in kernels.values()))
-    return Optimized(mod, [graph_stage, pack_stage], kernels)
+    return Optimized(mod, [graph_stage, pack_stage], kernels, work)
 
 
 def compile_transform(stages: list, target) -> list:

@@ -29,7 +29,9 @@ class SeparableConv(ConfigRule):
         return match_separable(sch) if target.kind.name == "llvm" else None
 
     def configs(self, sep, target) -> list[GEMMTile]:
-        return PackedConvGEMM().configs(sep.pointwise, target)
+        # Chunks of pixels in parallel only: a channel group would recompute the chunk's
+        # depthwise rows.
+        return [c for c in PackedConvGEMM().configs(sep.pointwise, target) if c.groups == 1]
 
     def searchable(self, sep, config, target) -> bool:
         return PackedConvGEMM().searchable(sep.pointwise, config, target)

@@ -72,48 +72,86 @@ std::string ReadFile(const std::string& path) {
 
 // ---------------------------------------------------------------- SHA-256 (FIPS 180-4)
 
-std::string Sha256Hex(const std::string& data) {
-  static const uint32_t k[64] = {
-      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-      0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-      0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-      0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-      0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-      0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-      0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-      0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-      0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-      0xc67178f2};
-  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
-  std::string msg = data;
-  uint64_t bits = uint64_t(data.size()) * 8;
-  msg.push_back(char(0x80));
-  while (msg.size() % 64 != 56) msg.push_back(char(0));
-  for (int i = 7; i >= 0; --i) msg.push_back(char((bits >> (8 * i)) & 0xff));
-  for (size_t off = 0; off < msg.size(); off += 64) {
+// Incremental: the weights are hashed as they are read into their tensors.
+class Sha256 {
+ public:
+  void Update(const void* data, size_t n) {
+    const unsigned char* p = static_cast<const unsigned char*>(data);
+    total_ += n;
+    while (n > 0) {
+      size_t take = std::min(n, size_t(64) - fill_);
+      std::memcpy(block_ + fill_, p, take);
+      fill_ += take;
+      p += take;
+      n -= take;
+      if (fill_ == 64) {
+        Compress(block_);
+        fill_ = 0;
+      }
+    }
+  }
+
+  std::string Hex() {
+    uint64_t bits = total_ * 8;
+    unsigned char pad[72] = {0x80};
+    size_t padding = (fill_ < 56 ? 56 : 120) - fill_;
+    Update(pad, padding);
+    unsigned char length[8];
+    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(bits >> (56 - 8 * i));
+    Update(length, 8);
+    std::ostringstream out;
+    for (uint32_t v : h_) out << std::hex << std::setw(8) << std::setfill('0') << v;
+    return out.str();
+  }
+
+ private:
+  static uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+  void Compress(const unsigned char* block) {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2};
     uint32_t w[64];
     for (int i = 0; i < 16; ++i) {
-      const unsigned char* p = reinterpret_cast<const unsigned char*>(msg.data() + off + 4 * i);
+      const unsigned char* p = block + 4 * i;
       w[i] = uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3];
     }
     for (int i = 16; i < 64; ++i) {
-      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
-      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      uint32_t s0 = Rotr(w[i - 15], 7) ^ Rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = Rotr(w[i - 2], 17) ^ Rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
       w[i] = w[i - 16] + s0 + w[i - 7] + s1;
     }
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6],
+             hh = h_[7];
     for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
-      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      uint32_t t1 = hh + (Rotr(e, 6) ^ Rotr(e, 11) ^ Rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] +
+                    w[i];
+      uint32_t t2 = (Rotr(a, 2) ^ Rotr(a, 13) ^ Rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
       hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
     }
-    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+    h_[0] += a; h_[1] += b; h_[2] += c; h_[3] += d; h_[4] += e; h_[5] += f; h_[6] += g;
+    h_[7] += hh;
   }
-  std::ostringstream out;
-  for (uint32_t v : h) out << std::hex << std::setw(8) << std::setfill('0') << v;
-  return out.str();
+
+  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char block_[64];
+  size_t fill_ = 0;
+  uint64_t total_ = 0;
+};
+
+std::string Sha256Hex(const std::string& data) {
+  Sha256 sha;
+  sha.Update(data.data(), data.size());
+  return sha.Hex();
 }
 
 // ---------------------------------------------------------------- the manifest
@@ -388,6 +426,109 @@ ffi::Tensor CheckedTensor(const Npy& npy, const std::string& dtype,
   return t;
 }
 
+// ---------------------------------------------------------------- params.bin
+
+// A file read in order, every byte hashed, never past its end.
+class HashedFile {
+ public:
+  HashedFile(const std::string& path) : path_(path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) throw UserError("cannot read " + path + ": not found");
+    if (!S_ISREG(st.st_mode)) throw UserError(path + " is not a regular file");
+    f_ = std::fopen(path.c_str(), "rb");
+    if (f_ == nullptr) throw UserError("cannot read " + path);
+    left_ = uint64_t(st.st_size);
+  }
+  ~HashedFile() { std::fclose(f_); }
+
+  UserError Damaged(const std::string& why) const {
+    return UserError(path_ + " is damaged or not a weights file (" + why + ")");
+  }
+  void Read(void* out, uint64_t n) {
+    if (n > left_) throw Damaged("it ends early");
+    char* p = static_cast<char*>(out);
+    for (uint64_t done = 0; done < n;) {  // in chunks: hashed while in cache
+      size_t take = size_t(std::min<uint64_t>(n - done, 1 << 20));
+      if (std::fread(p + done, 1, take, f_) != take) throw Damaged("it ends early");
+      sha_.Update(p + done, take);
+      done += take;
+    }
+    left_ -= n;
+  }
+  template <typename T>
+  T Get() {
+    T v;
+    Read(&v, sizeof(v));
+    return v;
+  }
+  uint64_t left() const { return left_; }
+  std::string Hex() { return sha_.Hex(); }
+
+ private:
+  std::string path_;
+  std::FILE* f_;
+  uint64_t left_;
+  Sha256 sha_;
+};
+
+// params.bin (TVM's parameter-list format) read straight into aligned tensors, hashing as
+// it goes: no copy of the file in memory (TVM's runtime.LoadParams takes it as one blob
+// and copies it on the way). Refused unless its SHA-256 is `sha`.
+std::vector<std::pair<std::string, ffi::Tensor>> ReadParams(const std::string& path,
+                                                            const std::string& sha) {
+  constexpr uint64_t kListMagic = 0xF7E58D4F05049CB7, kTensorMagic = 0xDD5E40F096B4A13F;
+  HashedFile f(path);
+  if (f.Get<uint64_t>() != kListMagic) throw f.Damaged("no parameter-list header");
+  f.Get<uint64_t>();
+  uint64_t count = f.Get<uint64_t>();
+  if (count > f.left()) throw f.Damaged("it ends early");
+  std::vector<std::string> names;
+  for (uint64_t i = 0; i < count; ++i) {
+    uint64_t len = f.Get<uint64_t>();
+    if (len > f.left()) throw f.Damaged("it ends early");
+    std::string name(len, '\0');
+    f.Read(name.data(), len);
+    names.push_back(name);
+  }
+  if (f.Get<uint64_t>() != count) throw f.Damaged("names and tensors differ in number");
+  std::vector<std::pair<std::string, ffi::Tensor>> out;
+  for (const std::string& name : names) {
+    uint64_t magic = f.Get<uint64_t>();
+    f.Get<uint64_t>();
+    DLDevice device = f.Get<DLDevice>();
+    int32_t ndim = f.Get<int32_t>();
+    DLDataType dtype = f.Get<DLDataType>();
+    if (magic != kTensorMagic || device.device_type != kDLCPU || ndim < 0 || ndim > 32) {
+      throw f.Damaged("tensor " + name + " has a bad header");
+    }
+    if (ByDL(dtype) == nullptr) throw f.Damaged("tensor " + name + " has an unsupported type");
+    std::vector<int64_t> shape(ndim);
+    uint64_t elements = 1;
+    for (int64_t& d : shape) {
+      d = f.Get<int64_t>();
+      if (d < 0 || (d > 0 && elements > f.left() / uint64_t(d))) {
+        throw f.Damaged("tensor " + name + " has a bad size");
+      }
+      elements *= uint64_t(d);
+    }
+    int64_t nbytes = f.Get<int64_t>();
+    if (nbytes < 0 || uint64_t(nbytes) != elements * (dtype.bits / 8) ||
+        uint64_t(nbytes) > f.left()) {
+      throw f.Damaged("tensor " + name + " has a bad size");
+    }
+    ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()),
+                                             dtype, DLDevice{kDLCPU, 0});
+    f.Read(t.data_ptr(), uint64_t(nbytes));
+    out.emplace_back(name, t);
+  }
+  if (f.left() != 0) throw f.Damaged("it has bytes after its last tensor");
+  if (f.Hex() != sha) {
+    throw UserError(path + " is damaged or was changed after the build (SHA-256 differs from "
+                    "the manifest)");
+  }
+  return out;
+}
+
 // Writes `t` (on the CPU) as .npy at `path`, through a unique temporary file beside it.
 void WriteNpy(const std::string& path, const ffi::Tensor& t) {
   const DType* d = ByDL(t.dtype());
@@ -559,9 +700,16 @@ int Run(int argc, char** argv) {
   // Both files checked before either is used: the module is never opened unverified.
   std::string module_path = dir + "/" + m.module;
   std::string so = ReadChecked(dir, m.module, m.module_sha);
-  std::string blob = raw_dir.empty() ? ReadChecked(dir, m.params, m.params_sha) : std::string();
   CheckSharedObject(module_path, so);
   so.clear();
+  std::vector<std::pair<std::string, ffi::Tensor>> params;
+  if (raw_dir.empty()) {
+    struct stat st;
+    if (stat((dir + "/" + m.params).c_str(), &st) != 0) {
+      throw UserError(dir + " is incomplete: " + m.params + " is missing");
+    }
+    params = ReadParams(dir + "/" + m.params, m.params_sha);
+  }
   Npy x = ReadNpy(input);
   ffi::Tensor x_cpu = CheckedTensor(x, m.input_dtype, m.input_shape, input, "the model's input");
   x.bytes.clear();
@@ -582,15 +730,13 @@ int Run(int argc, char** argv) {
   }
   std::vector<ffi::Tensor> weights;  // main's, in its order
   if (raw_dir.empty()) {
-    ffi::Function load_params = ffi::Function::GetGlobalRequired("runtime.LoadParams");
-    auto params = load_params(ffi::Bytes(blob.data(), blob.size()))
-                      .cast<ffi::Map<ffi::String, ffi::Tensor>>();
-    blob.clear();
     for (const std::string& name : m.weight_names) {  // main's order, from the manifest
-      auto it = params.find(ffi::String(name));
+      auto it = std::find_if(params.begin(), params.end(),
+                             [&](const auto& p) { return p.first == name; });
       if (it == params.end()) throw UserError(dir + "/" + m.params + " lacks the weight " + name);
-      weights.push_back((*it).second);
+      weights.push_back(it->second);
     }
+    params.clear();
   } else {
     weights = TransformedWeights(dir, m, raw_dir);
   }

@@ -1,6 +1,7 @@
 """Applying a tuning log in a build: each kernel with a record gets the fastest
-record's schedule, when it beat our default schedule's measured latency; every other
-kernel is left to the rules. Shipped logs live in ``xcompile/tuning_logs/<preset>``."""
+record's schedule, when it beat our default schedule's measured latency and the log's
+validation (timed inside the whole model) did not reject it; every other kernel is left
+to the rules. Shipped logs live in ``xcompile/tuning_logs/<preset>``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import logging
 from pathlib import Path
 
-from xcompile.schedules import rule_name, rules_by_name, tag_scheduled
+from xcompile.schedules import (rule_name, rules_by_name, tag_scheduled, with_work_of,
+                                without_work)
 
 from xcompile.errors import XCompileError, last_line
 
@@ -21,10 +23,11 @@ SHIPPED = Path(__file__).resolve().parent.parent / "tuning_logs"
 
 
 def workload(func):
-    """MetaSchedule's workload module for a kernel: the function as ``main``."""
+    """MetaSchedule's workload module for a kernel: the function as ``main``, as the
+    tuner saw it (without the build's kind and FLOPs annotations)."""
     import tvm
 
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.IRModule({"main": without_work(func).with_attr("global_symbol", "main")})
 
 
 def workload_hash(func) -> str:
@@ -46,11 +49,16 @@ class TunedKernels:
                                     "an xcompile tuning log")
             log_folder.check_target(folder, manifest, key)
             contents = log_folder.read_log(folder, key)
+            validation = log_folder.read_validation(folder)
+        # Workloads whose result did not make the model faster, timed inside it.
+        self.rejected = set(validation["rejected"]) if validation else set()
+        self.validated = validation is not None
         self.workloads = contents.workloads
         self.records = contents.best()
         self.tasks = manifest.get("tasks", {})
         self.rules = rules_by_name(rules)
         self.applied: dict[str, str] = {}  # kernel -> what scheduled it
+        self.applied_workloads: dict[str, str] = {}  # kernel -> its workload hash
         self.kept: list[str] = []  # kernels whose default schedule was the fastest
 
     def _best_config(self, entry: dict):
@@ -65,6 +73,9 @@ class TunedKernels:
         mod = workload(func)
         key = str(tvm_ffi.structural_hash(mod))
         entry = self.tasks.get(key, {})
+        if key in self.rejected:
+            self.kept.append(name)
+            return None
         baseline = entry.get("baseline_ms")
         config = self._best_config(entry)
         records = [r for r in self.records.get(key, [])
@@ -75,6 +86,7 @@ class TunedKernels:
             tuned = self._replay(name, mod, rec)
             if tuned is not None:
                 self.applied[name] = f"metaschedule {rec.seconds * 1e3:.3f} ms"
+                self.applied_workloads[name] = key
                 return _same_symbol(tuned, func), TUNED_RULE
         rule = self.rules.get(entry.get("rule"))
         if config is None or rule is None or config[1] == entry.get("default_config"):
@@ -85,7 +97,8 @@ class TunedKernels:
         if sch is None:
             return None
         self.applied[name] = f"{rule_name(rule)} {config[1]} {config[0]:.3f} ms"
-        return sch.mod["main"], f"{rule_name(rule)} (tuned)"
+        self.applied_workloads[name] = key
+        return with_work_of(sch.mod["main"], func), f"{rule_name(rule)} (tuned)"
 
     def _replay(self, name: str, mod, rec):
         import tvm_ffi
@@ -127,11 +140,14 @@ class TunedKernels:
     def summary(self) -> dict:
         """What a build manifest records about the log it applied."""
         return {"log": str(self.folder), "applied": dict(sorted(self.applied.items())),
-                "kept_default": sorted(self.kept)}
+                "workloads": dict(sorted(self.applied_workloads.items())),
+                "kept_default": sorted(self.kept), "validated": self.validated}
 
 
 def _same_symbol(tuned, func):
-    """``tuned`` with ``func``'s global symbol (or none, as the pipeline's kernels have)."""
+    """``tuned`` with ``func``'s global symbol (or none, as the pipeline's kernels have)
+    and its kind and FLOPs."""
+    tuned = with_work_of(tuned, func)
     symbol = func.attrs.get("global_symbol") if func.attrs else None
     if symbol is None:
         return tuned.without_attr("global_symbol")

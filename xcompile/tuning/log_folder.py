@@ -7,6 +7,9 @@ Folder contents:
 - ``tuning.json``: the manifest (target, versions, models tuned, per task: the baseline
   latency of our default schedule, the best tuned latency and trials; totals);
 - ``convergence.csv`` and ``convergence.png``: estimated model latency against trials;
+- ``validation.json``: which kernels' results made the model faster when timed inside
+  it (``xcompile tune`` writes it last; builds apply only those while the log is
+  unchanged since);
 - ``rejected_records.json``: lines taken out of the database because they could not be
   read (torn by a kill, garbage), each with the reason: kept, never deleted;
 - ``.lock``: the lock file (``tune`` holds it exclusively, builds share it).
@@ -39,8 +42,13 @@ MANIFEST = "tuning.json"
 CURVE_CSV = "convergence.csv"
 CURVE_PNG = "convergence.png"
 REJECTED = "rejected_records.json"
+VALIDATION = "validation.json"
 LOCK = ".lock"
 FORMAT = 1
+# How candidates were timed (measure.Evaluator): logs of one timing are not comparable
+# with another's. Manifests written before this field timed warm.
+TIMING_CPU = "rotated-weights"
+TIMING_WARM = "warm"
 
 
 def _is_log(folder: Path) -> bool:
@@ -50,7 +58,7 @@ def _is_log(folder: Path) -> bool:
 
 LOG = OutputKind("tuning log", _is_log,
                  frozenset({WORKLOADS, RECORDS, MANIFEST, CURVE_CSV, CURVE_PNG, REJECTED,
-                            LOCK, "logs"}))
+                            VALIDATION, LOCK, "logs"}))
 
 
 def check_folder(folder: Path) -> Path:
@@ -288,6 +296,50 @@ def write_manifest(folder: Path, manifest: dict) -> None:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
+def log_stamp(folder: Path) -> str:
+    """A digest of what a build applies from the log (its records and manifest): a
+    validation holds only for the log it was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (MANIFEST, RECORDS):
+        path = folder / name
+        h.update(name.encode() + b"\0")
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def write_validation(folder: Path, validation: dict) -> None:
+    """Write ``validation`` (stamped with the log as it is now)."""
+    data = dict(validation, log_stamp=log_stamp(folder))
+    with atomic_path(folder / VALIDATION, ours) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_validation(folder: Path) -> dict | None:
+    """The log's validation when it was made from the log as it is now; None when there
+    is none or the log changed since (a warning says so: then every record applies)."""
+    path = folder / VALIDATION
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        rejected = data["rejected"]
+        ok = isinstance(rejected, list) and all(isinstance(h, str) for h in rejected)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        log.warning("tuning log %s: %s is unreadable; applying every record", folder,
+                    VALIDATION)
+        return None
+    if data.get("log_stamp") != log_stamp(folder):
+        log.warning("tuning log %s changed since it was validated; applying every record "
+                    "(run xcompile tune on it again to validate)", folder)
+        return None
+    return data
+
+
 def resolve_folder(path: str | os.PathLike, preset_name: str) -> Path:
     """The log folder for a preset: ``path`` itself when it holds a log, else
     ``path/<preset>``."""
@@ -325,4 +377,7 @@ def export_best(folder: str | os.PathLike, dst: str | os.PathLike) -> Path:
             for name in (MANIFEST, CURVE_CSV, CURVE_PNG):
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, tmp / name)
+            validation = read_validation(folder)
+            if validation is not None:  # stamped again: the records file is new
+                write_validation(tmp, validation)
     return Path(dst)

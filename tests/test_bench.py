@@ -1,0 +1,185 @@
+"""bench: interleaved timing against ONNX Runtime and OpenVINO (in processes of its own),
+memory per backend in fresh processes, the kernel profile with FLOP rates; and the
+loaders' memory: weights read once, straight into the tensors the module uses."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_one_line_error, export_torch, run_cli
+from xcompile import peers, targets
+from xcompile.build import build, resolve_options
+
+needs_openvino = pytest.mark.skipif(not peers.openvino_installed(),
+                                    reason="OpenVINO is not installed (pip install -e '.[peers]')")
+
+
+@pytest.fixture(scope="module")
+def mobile_build(mobile_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "mb"
+    build(resolve_options(model=str(mobile_onnx), output=str(out)))
+    return out
+
+
+@needs_openvino
+def test_bench_times_every_peer_and_measures_memory(mobile_build, tmp_path):
+    proc = run_cli("bench", str(mobile_build), "--repeat", "3", "--memory", "--profile",
+                   "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    timings = {t["backend"]: t for t in result["timings"]}
+    assert list(timings) == ["xcompile", "onnxruntime", "openvino-f32", "openvino"]
+    assert all(len(t["samples_ms"]) == 3 and t["median_ms"] > 0 for t in timings.values())
+    for name, t in timings.items():
+        if name != "xcompile":
+            assert result["ratios"][name] == pytest.approx(
+                timings["xcompile"]["median_ms"] / t["median_ms"], rel=1e-3)
+    assert "f32" in timings["openvino-f32"]["detail"]
+    assert "its default here" in timings["openvino"]["detail"]
+    # The figures name the machine they come from.
+    machine = result["machine"]
+    assert machine["cores"] == targets.host_cores() and machine["cpu"] in proc.stdout
+    memory = {r["backend"]: r for r in result["memory"]}
+    assert set(memory) == {"xcompile", "xcompile-runner", "onnxruntime", "openvino-f32",
+                           "openvino"}
+    for r in memory.values():
+        assert r["peak_mib"] >= r["steady_mib"] > 1, r
+    # Profile: convolution kernels have FLOP rates; the peak is the preset's arithmetic.
+    rows = result["profile"]
+    convs = [r for r in rows if r["kind"] in ("pointwise", "dense", "depthwise")]
+    assert convs and all(r["gflops"] > 0 for r in convs)
+    preset = targets.resolve("host")
+    ghz, _ = targets.host_clock()
+    assert result["peak"]["gflops"] == pytest.approx(
+        preset.vector_bits / 32 * 2 * preset.fma_units * targets.host_cores() * ghz)
+    assert "GFLOP/s" in proc.stdout and "peak:" in proc.stdout
+
+
+def test_bench_without_openvino(mobile_build, tmp_path):
+    proc = run_cli("bench", str(mobile_build), "--repeat", "2", "--no-openvino", "--json",
+                   str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [t["backend"] for t in result["timings"]] == ["xcompile", "onnxruntime"]
+
+
+def test_manifest_records_each_kernels_work(tmp_path):
+    """A 3x3 conv's FLOPs are 2 * pixels * Cin * Cout * 9, counted before the schedule
+    pads the channels to whole tiles."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(5, 24, 3, 1, 1, bias=False)).eval()
+    path = export_torch(model, tmp_path / "c.onnx", (1, 5, 20, 20))
+    out = tmp_path / "c"
+    build(resolve_options(model=str(path), output=str(out)))
+    kernels = json.loads((out / "manifest.json").read_text())["kernels"]
+    conv = [k for k in kernels if k["kind"] == "dense"]
+    assert len(conv) == 1
+    assert conv[0]["flops"] == 2 * 20 * 20 * 5 * 24 * 9
+    del torch
+
+
+BIG = 4  # 1x1 convs of 1536 -> 1536: 9 MiB of weights each
+
+
+@pytest.fixture(scope="module")
+def weighty_build(tmp_path_factory):
+    from torch import nn
+
+    tmp = tmp_path_factory.mktemp("weighty")
+    layers = [nn.Conv2d(16, 1536, 1)] + [nn.Conv2d(1536, 1536, 1) for _ in range(BIG)]
+    path = export_torch(nn.Sequential(*layers).eval(), tmp / "w.onnx", (1, 16, 4, 4))
+    out = tmp / "w"
+    build(resolve_options(model=str(path), output=str(out)))
+    return out
+
+
+LOAD_RSS = """
+import json, sys
+def status():
+    return {l.split(':')[0]: int(l.split()[1]) for l in open('/proc/self/status')
+            if l.startswith(('VmHWM', 'VmRSS'))}
+from xcompile import runtime
+runtime._tvm()
+before = status()
+p = runtime.load(sys.argv[1])
+after = status()
+print(json.dumps({"before": before, "after": after}))
+"""
+
+
+def test_python_loader_reads_weights_once(weighty_build):
+    """Loading raises the peak resident memory by the weights and little more (TVM's
+    load_param_dict raised it by about 5x the file)."""
+    weights_kib = (weighty_build / "params.bin").stat().st_size / 1024
+    proc = subprocess.run([sys.executable, "-c", LOAD_RSS, str(weighty_build)],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**__import__("os").environ, "TVM_USE_RUNTIME_LIB": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rss = json.loads(proc.stdout)
+    grew = rss["after"]["VmHWM"] - rss["before"]["VmHWM"]
+    assert weights_kib < grew < 1.2 * weights_kib + 16 * 1024, (grew, weights_kib)
+    # Nor does the runtime import PyTorch (tvm-ffi would, for a Windows workaround).
+    proc = subprocess.run([sys.executable, "-c",
+                           "import sys; from xcompile import runtime; runtime._tvm(); "
+                           "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_cpp_runner_reads_weights_once(weighty_build, tmp_path):
+    from xcompile.runner import build_runner
+
+    try:
+        exe = build_runner(targets.detect_arch())
+    except Exception as e:  # no C++ compiler here
+        pytest.skip(f"the C++ runner cannot be built here: {e}")
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((1, 16, 4, 4), np.float32))
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", str(exe), str(weighty_build),
+                           "--input", str(x)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peak_kib = int(proc.stderr.strip().splitlines()[-1])
+    weights_kib = (weighty_build / "params.bin").stat().st_size / 1024
+    # The runner and TVM's runtime take about 25 MiB; the weights once, not three times.
+    assert peak_kib < weights_kib + 48 * 1024, (peak_kib, weights_kib)
+
+
+def test_params_file_matches_tvm_and_refuses_damage(weighty_build, tmp_path):
+    import hashlib
+
+    import tvm
+
+    from xcompile.errors import XCompileError
+    from xcompile.params_file import read_params
+
+    data = (weighty_build / "params.bin").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    ours = read_params(weighty_build / "params.bin", sha)
+    theirs = tvm.runtime.load_param_dict(data)
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name].numpy(), theirs[name].numpy())
+    cases = {"truncated": data[:-100], "trailing": data + b"\0", "magic": b"\1" + data[1:],
+             "huge": data[:16] + (1 << 60).to_bytes(8, "little") + data[24:]}
+    for what, damaged in cases.items():
+        path = tmp_path / f"{what}.bin"
+        path.write_bytes(damaged)
+        with pytest.raises(XCompileError, match="damaged"):
+            read_params(path, hashlib.sha256(damaged).hexdigest())
+    with pytest.raises(XCompileError, match="SHA-256"):
+        read_params(weighty_build / "params.bin", "0" * 64)
+
+
+def test_bench_of_a_damaged_weights_file_is_one_line(weighty_build, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(weighty_build, copy)
+    with open(copy / "params.bin", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    assert_one_line_error(run_cli("run", str(copy)), "params.bin", "SHA-256")

@@ -1,0 +1,187 @@
+"""Validating a tuning log inside the whole model: a result applies only when the model
+gets faster with it.
+
+A kernel timed alone, even with its weights evicted before every call, is not the kernel
+in the model: the kernels around it leave the caches, the memory bus and the cores'
+clocks in another state. ``validate`` builds the model without the log and with all of
+it, times every kernel inside both models (interleaved rounds, medians), rejects each
+workload whose kernels did not get faster there, then builds with what is left and
+keeps it only when the whole model is faster than without the log, timed end to end.
+The verdict goes into the log folder (``validation.json``), stamped with the log it
+judged; builds apply only the accepted results while the log is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from xcompile import bench, build, reference, runtime, targets
+from xcompile.tuning import TuneOptions, log_folder
+
+log = logging.getLogger(__name__)
+
+# A kernel's result is kept when the kernel is at least this much faster in the model
+# (its in-model medians move by ~1% between identical builds here).
+KERNEL_GAIN = 0.98
+# The validated build is kept when the whole model is at least this much faster.
+MODEL_GAIN = 0.995
+ROUNDS = 7
+
+
+def _kernel(name: str) -> str:
+    """The name a kernel had when the log was applied: the build renames kernels whose
+    packed weights it splits out (Relax's SplitLayoutRewritePreproc adds
+    ``_prepacked``)."""
+    return name.removesuffix("_prepacked")
+
+
+def decide(untuned: dict[str, float], tuned: dict[str, float],
+           workloads: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """Which workloads to reject: those whose kernels, summed over the model, did not get
+    at least ``KERNEL_GAIN`` faster. ``untuned``/``tuned``: kernel -> in-model ms per run;
+    ``workloads``: tuned kernel -> its workload hash. Returns (rejected hashes, one row
+    per workload)."""
+    untuned = {_kernel(k): v for k, v in untuned.items()}
+    tuned = {_kernel(k): v for k, v in tuned.items()}
+    per: dict[str, dict] = {}
+    for kernel, h in workloads.items():
+        if kernel not in untuned or kernel not in tuned:
+            continue  # not called (or renamed): no evidence either way
+        row = per.setdefault(h, {"workload": h, "kernels": [], "untuned_ms": 0.0,
+                                 "tuned_ms": 0.0})
+        row["kernels"].append(kernel)
+        row["untuned_ms"] += untuned[kernel]
+        row["tuned_ms"] += tuned[kernel]
+    rows = []
+    for row in per.values():
+        row["kept"] = row["tuned_ms"] <= KERNEL_GAIN * row["untuned_ms"]
+        rows.append(row)
+    rows.sort(key=lambda r: r["tuned_ms"] - r["untuned_ms"])
+    return sorted(r["workload"] for r in rows if not r["kept"]), rows
+
+
+def _median_kernel_ms(predictors: dict, x, rounds: int) -> dict[str, dict[str, float]]:
+    """Per build, kernel -> median in-model ms per run over interleaved rounds."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in predictors}
+    inputs = {name: p.to_device(x) for name, p in predictors.items()}
+    for i in range(rounds):
+        order = list(predictors)
+        order = order[i % len(order):] + order[:i % len(order)]
+        for name in order:
+            time.sleep(bench.SETTLE_S)
+            for kernel, (_calls, seconds) in bench.kernel_times(
+                    predictors[name], inputs[name], repeat=2).items():
+                samples[name].setdefault(kernel, []).append(seconds * 1e3)
+    return {name: {k: statistics.median(v) for k, v in s.items()}
+            for name, s in samples.items()}
+
+
+def _median_model_ms(predictors: dict, x, rounds: int) -> dict[str, float]:
+    """Per build, the median end-to-end ms over interleaved rounds (order rotating)."""
+    samples: dict[str, list[float]] = {name: [] for name in predictors}
+    inputs = {name: p.to_device(x) for name, p in predictors.items()}
+    for p, x_dev in zip(predictors.values(), inputs.values()):
+        p.run_device(x_dev)
+        p.sync()
+    for i in range(rounds * 2):
+        order = list(predictors)
+        order = order[i % len(order):] + order[:i % len(order)]
+        for name in order:
+            time.sleep(bench.SETTLE_S)
+            start = time.perf_counter()
+            predictors[name].run_device(inputs[name])
+            predictors[name].sync()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _build(opts: TuneOptions, out: Path, tuning_log: str) -> dict:
+    build_opts = build.resolve_options(model=opts.model, target=opts.target, batch=opts.batch,
+                                       output=str(out), tuning_log=tuning_log)
+    return build.build(build_opts)
+
+
+def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
+    """Judge the log ``tune`` wrote for ``opts`` inside the whole model and record the
+    verdict in the log folder; returns it (None when the log's device is not this
+    machine's: candidates measured over RPC are judged on their device by a build
+    there)."""
+    preset = targets.resolve(opts.target)
+    if opts.rpc_tracker:
+        log.info("the log was measured over RPC: not validated on this machine")
+        return None
+    folder = Path(opts.log_dir) / preset.name
+    started = time.perf_counter()
+    # Any earlier verdict judged an older log: builds now apply every record until
+    # this one is written.
+    (folder / log_folder.VALIDATION).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="xcompile-validate-") as tmp:
+        log.info("validating the log in the whole model: building without it and with it")
+        _build(opts, Path(tmp) / "untuned", "none")
+        manifest = _build(opts, Path(tmp) / "tuned", str(folder))
+        workloads = (manifest.get("tuning") or {}).get("workloads", {})
+        verdict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": bench.machine()["cpu"],
+                   "rounds": rounds, "rejected": [], "workloads": [],
+                   "estimate_ms": _estimate_ms(folder, workloads)}
+        if not workloads:
+            log.info("no kernel of the model takes a result from the log")
+            verdict["model"] = {"outcome": "nothing to apply"}
+        else:
+            predictors = {"untuned": runtime.load(Path(tmp) / "untuned"),
+                          "tuned": runtime.load(Path(tmp) / "tuned")}
+            x = reference.make_input(predictors["untuned"].input, None)
+            kernel_ms = _median_kernel_ms(predictors, x, rounds)
+            rejected, rows = decide(kernel_ms["untuned"], kernel_ms["tuned"], workloads)
+            verdict["rejected"], verdict["workloads"] = rejected, rows
+            # The estimate's counterpart: our kernels only (not the VM's builtins).
+            ours = {k["name"] for k in manifest["kernels"]}
+            verdict["kernels_in_model_ms"] = {
+                name: round(sum(v for k, v in ms.items() if k in ours), 3)
+                for name, ms in kernel_ms.items()}
+            del predictors
+            verdict["model"] = _check_model(opts, folder, Path(tmp), verdict, x, rounds)
+    verdict["seconds"] = round(time.perf_counter() - started, 1)
+    log_folder.write_validation(folder, verdict)
+    return verdict
+
+
+def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int) -> dict:
+    """Build with the accepted results and time it against the untuned build end to end;
+    when it is not faster, reject every result."""
+    all_rejected = sorted({r["workload"] for r in verdict["workloads"]})
+    if verdict["rejected"] == all_rejected:
+        return {"outcome": "no result made its kernels faster in the model"}
+    log_folder.write_validation(folder, verdict)  # the build below applies only these
+    _build(opts, tmp / "validated", str(folder))
+    predictors = {"untuned": runtime.load(tmp / "untuned"),
+                  "validated": runtime.load(tmp / "validated")}
+    ms = _median_model_ms(predictors, x, rounds)
+    faster = ms["validated"] <= MODEL_GAIN * ms["untuned"]
+    out = {"untuned_ms": round(ms["untuned"], 3), "validated_ms": round(ms["validated"], 3),
+           "outcome": "faster: applied" if faster else "not faster: nothing applied"}
+    if not faster:
+        verdict["rejected"] = all_rejected
+    log.info("model end to end: %.2f ms without the log, %.2f ms with its accepted results "
+             "(%s)", ms["untuned"], ms["validated"], out["outcome"])
+    return out
+
+
+def _estimate_ms(folder: Path, workloads: dict[str, str]) -> dict:
+    """The tuner's model estimates (sum over the model's kernels of calls x the time
+    measured alone): with our default schedules, and with what the build applied."""
+    manifest = log_folder.read_manifest(folder) or {"tasks": {}}
+    applied = set(workloads.values())
+    untuned = tuned = 0.0
+    for h, t in manifest["tasks"].items():
+        base = t.get("baseline_ms")
+        if base is None:
+            continue
+        calls = t.get("calls", 1)
+        untuned += calls * base
+        best = t.get("best_ms") if h in applied and t.get("best_ms") else base
+        tuned += calls * min(base, best)
+    return {"untuned": round(untuned, 3), "tuned": round(tuned, 3)}
