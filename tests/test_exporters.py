@@ -149,3 +149,19 @@ def test_dynamic_pads_are_a_clean_error(tmp_path):
     torch.manual_seed(0)
     proc = run_cli("build", "--model", str(path), "-o", str(tmp_path / "b"))
     assert_one_line_error(proc, "cannot import", "pads")
+
+
+def test_batch_norm_is_folded_into_the_convolutions(keras):
+    """tf2onnx leaves every BatchNormalization unfolded after its Conv: the graph passes
+    fold each into the conv's weights and bias (test_keras_model_builds_and_verifies
+    checks the numbers), so no kernel computes a batch norm."""
+    import onnx
+
+    from xcompile import frontend, pipeline, targets
+
+    imported = frontend.import_onnx(onnx.load(str(keras["static"])))
+    assert "R.nn.batch_norm" in imported.mod.script()
+    with targets.resolve("host").tvm_target():
+        mod = pipeline.graph_passes(None)(imported.mod)
+    assert "R.nn.batch_norm" not in mod.script()
+    assert "R.nn.conv2d" in mod.script()

@@ -451,3 +451,36 @@ def test_trials_per_task_caps_each_task(mobile_onnx, names, tmp_path):
     m = json.loads((logs / "host" / "tuning.json").read_text())
     task = next(t for t in m["tasks"].values() if t["name"] == names["pointwise"])
     assert len(task["configs"]) == 1 + 3  # the baseline, then three configurations
+
+
+SHIPPED_LOGS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "xcompile"
+                                       / "tuning_logs").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("preset", SHIPPED_LOGS)
+def test_shipped_log_applies_to_the_model_it_was_tuned_for(preset, tmp_path):
+    """Each shipped log, built for its own target: its validated results schedule kernels
+    of the built-in Xception, and where this CPU can run the build it matches ONNX
+    Runtime."""
+    from xcompile import targets
+    from xcompile.tuning import log_folder
+
+    folder = Path(__file__).resolve().parent.parent / "xcompile" / "tuning_logs" / preset
+    manifest = log_folder.read_manifest(folder)
+    cores = int(manifest["target"]["tvm"].get("num-cores", 0))
+    if cores != targets.host_cores():
+        pytest.skip(f"{preset}'s log was tuned for {cores} cores and builds here target "
+                    f"{targets.host_cores()}: it would not apply")
+    out = tmp_path / "b"
+    proc = run_cli("build", "--target", preset, "--tuning-log", str(folder), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tuning"]["applied"], m["tuning"]
+    validation = log_folder.read_validation(folder)
+    if validation is not None:
+        assert m["tuning"]["validated"]
+        assert not set(m["tuning"]["workloads"].values()) & set(validation["rejected"])
+    if not targets.runs_here(targets.resolve(preset)):
+        pytest.skip(f"built; this CPU cannot run {preset} code to compare it")
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

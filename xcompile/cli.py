@@ -137,16 +137,16 @@ def cmd_tune(args) -> int:
         v = validate(opts)
         if v is not None:
             kept = [w for w in v["workloads"] if w["kept"] and w["workload"] not in v["rejected"]]
-            est, measured = v["estimate_ms"], v.get("kernels_in_model_ms", {})
+            est = v["estimate_ms"]
             print(f"validated in the whole model ({v['seconds']:.0f} s): {len(kept)} of "
                   f"{len(v['workloads'])} tuned kernels kept; {v['model']['outcome']}")
             if "untuned_ms" in v["model"]:
                 print(f"  end to end: {v['model']['untuned_ms']:.2f} ms untuned, "
                       f"{v['model']['validated_ms']:.2f} ms with the log")
-            if measured:
-                print(f"  kernels, estimated alone vs measured in the model: untuned "
-                      f"{est['untuned']:.2f} vs {measured['untuned']:.2f} ms, tuned "
-                      f"{est['tuned']:.2f} vs {measured['tuned']:.2f} ms")
+            if "untuned_ms" in v["model"]:
+                print(f"  the tuner's model estimate (its kernels timed alone): "
+                      f"{est['untuned']:.2f} ms untuned, {est['tuned']:.2f} ms with every "
+                      "result that won alone")
     return 0
 
 
