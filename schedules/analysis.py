@@ -239,6 +239,49 @@ def match_conv(sch, target, target_kind: str, kinds: tuple[str, ...],
     return conv
 
 
+@dataclass
+class Matmul:
+    """A 2-D matrix product ``C[i, j] = sum_k A[i, k] * B[k, j]`` (the FC layer of a CNN,
+    its weights transposed at build time so that ``j`` is contiguous in ``B``), with
+    the elementwise blocks after it over ``C``'s shape (bias, activation)."""
+
+    block: object  # BlockRV of the product
+    rows: int  # M (the batch)
+    cols: int  # N
+    depth: int  # K
+    epilogues: list = field(default_factory=list)
+
+
+def match_matmul(sch) -> Matmul | None:
+    """The single matrix-product block of ``sch``'s function and its elementwise
+    epilogues, or None: one reduction block over (i, j, k) that reads ``A[i, k]`` and
+    ``B[k, j]`` and writes ``C[i, j]``, every other block over ``C``'s shape."""
+    split = _split_blocks(sch)
+    if split is None or len(split[0]) != 1:
+        return None
+    rv = split[0][0]
+    block = sch.get(rv)
+    if iter_kinds(block) != "SSR" or len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    i, j, k = (iv.var for iv in block.iter_vars)
+    store = block.body
+    try:
+        out_index = store.indices
+        value = store.value
+        a, b = value.b.a, value.b.b  # C[i, j] = C[i, j] + A[i, k] * B[k, j]
+        a_index, b_index = a.indices, b.indices
+    except AttributeError:
+        return None
+    if not (len(out_index) == 2 and is_var(out_index[0], i) and is_var(out_index[1], j)
+            and len(a_index) == 2 and is_var(a_index[0], i) and is_var(a_index[1], k)
+            and len(b_index) == 2 and is_var(b_index[0], k) and is_var(b_index[1], j)):
+        return None
+    shape = tuple(int(x) for x in store.buffer.shape)
+    if not _same_shape(sch, split[1], shape):
+        return None
+    return Matmul(rv, shape[0], shape[1], int(block.iter_vars[2].dom.extent), split[1])
+
+
 def classify(func) -> str:
     """What ``func`` (a lowered kernel) computes: ``SEPARABLE`` (a fused depthwise ->
     pointwise pair), the kind of its one convolution (``DEPTHWISE``, ``GROUPED``,

@@ -15,7 +15,8 @@ from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
 from torch import nn
 
 from xcompile import targets
-from xcompile.schedules.cpu import PackedConvGEMM, VectorDepthwise, Fallback, SeparableConv
+from xcompile.schedules.cpu import (Fallback, PackedConvGEMM, SeparableConv, VectorDepthwise,
+                                    VectorMatmul)
 
 
 @pytest.fixture(params=executable_cpu_presets())
@@ -114,6 +115,36 @@ def test_generic_rule_on_everything_else(preset):
     pool = next(f for n, f in others.items() if "max_pool" in n)
     script = Fallback().apply(pool, target).mod["main"].script()
     assert "T.parallel" in script and "T.vectorized" in script
+
+
+class _Classifier(nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.fc = nn.Linear(k, n)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x.mean((2, 3))))
+
+
+@pytest.mark.parametrize("batch,k,n", [(1, 2048, 1000), (1, 1280, 1000), (8, 64, 40),
+                                       (2, 33, 7), (3, 16, 48)])
+def test_matmul_matches_unscheduled(batch, k, n, preset):
+    """The classifier's matrix product (bias and ReLU in its write-back): Xception's and
+    EfficientNet's at batch 1, a batch of 8, an odd column count (scalar code), a batch
+    that no row tile divides."""
+    kernels = lowered_kernels(_Classifier(k, n), (batch, k, 4, 4))
+    func = next(f for name, f in kernels.items() if "matmul" in name)
+    sch = check_rule(VectorMatmul(), func, preset, vectorized=n % 2 == 0)
+    # B is packed into per-tile panels by a block the build lifts out of the kernel.
+    assert "meta_schedule.layout_rewrite_preproc" in sch.mod["main"].script()
+
+
+def test_matmul_rule_declines_everything_else(preset):
+    target = preset.tvm_target()
+    kernels = lowered_kernels(_Head(), (1, 64, 38, 38))
+    for name, func in kernels.items():
+        taken = VectorMatmul().apply(func, target) is not None
+        assert taken == ("matmul" in name), name
 
 
 def test_rules_decline_gpu_targets():

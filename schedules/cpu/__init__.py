@@ -5,6 +5,7 @@ from ..registry import register, register_layout, register_separable_fusion
 from .conv_gemm import PackedConvGEMM
 from .depthwise import VectorDepthwise
 from .generic import Fallback
+from .matmul import VectorMatmul
 from .separable import SeparableConv
 
 # Convolutions in NHWC with HWIO weights: channels are contiguous, so every conv
@@ -14,7 +15,8 @@ CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 for _family in ("x86", "arm"):
     register_layout(_family, CPU_LAYOUT)
     register_separable_fusion(_family, SeparableConv)
-    for _rule in (SeparableConv, PackedConvGEMM, VectorDepthwise, Fallback):
+    for _rule in (SeparableConv, PackedConvGEMM, VectorDepthwise, VectorMatmul, Fallback):
         register(_family, _rule)
 
-__all__ = ["CPU_LAYOUT", "Fallback", "PackedConvGEMM", "SeparableConv", "VectorDepthwise"]
+__all__ = ["CPU_LAYOUT", "Fallback", "PackedConvGEMM", "SeparableConv", "VectorDepthwise",
+           "VectorMatmul"]

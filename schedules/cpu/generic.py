@@ -1,5 +1,5 @@
 """Fallback for every CPU kernel no specific rule takes (pooling, elementwise, layout
-transforms, reductions, matmul/GEMV, whatever another CNN brings): elementwise producers
+transforms, reductions, products other than a 2-D matmul, whatever another CNN brings): elementwise producers
 are inlined, the output's contiguous axis is vectorized where it splits into whole
 vectors (of the target's width, or half or a quarter of it), and the outer data-parallel
 loops run in parallel. Each step is tried on its own, so a kernel whose structure resists
