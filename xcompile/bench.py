@@ -75,10 +75,6 @@ def describe(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {m['isa']}{clock}"
 
 
-def _in_own_process(proc: own_process.OwnProcess) -> peers.Backend:
-    return peers.Backend(proc.name, proc.detail, proc.run, proc.close)
-
-
 def bench(folder, model: str | None = None, input_path: str | None = None,
           repeat: int = 10, warmup: int = 1, with_torch: bool = True,
           with_openvino: bool = True) -> dict:
@@ -113,12 +109,13 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
             for name in peers.OPENVINO_PRECISIONS:
                 log.info("starting %s in its own process", name)
                 try:
-                    backends.append(_in_own_process(
-                        own_process.python_backend(name, folder, model_path, x_path)))
+                    # (An OwnProcess is a backend: name, detail, run, close.)
+                    backends.append(
+                        own_process.python_backend(name, folder, model_path, x_path))
                 except XCompileError as e:
                     log.warning("%s left out: %s", name, first_line(e))
         try:
-            timings = _interleaved(backends, repeat, warmup)
+            timings = interleaved(backends, repeat, warmup)
         finally:
             for b in backends:
                 b.close()
@@ -136,18 +133,26 @@ def bench(folder, model: str | None = None, input_path: str | None = None,
     }
 
 
-def _interleaved(backends: list, repeat: int, warmup: int) -> dict[str, Timing]:
+def rotated(items: list, i: int) -> list:
+    """``items`` starting at position ``i`` (modulo its length): round ``i``'s order, so
+    each takes each position equally often over the rounds."""
+    return items[i % len(items):] + items[:i % len(items)]
+
+
+def interleaved(backends: list, repeat: int, warmup: int,
+                settle_s: float = SETTLE_S) -> dict[str, Timing]:
+    """Each backend's ``repeat`` timings, round by round, after ``warmup`` untimed rounds,
+    with ``settle_s`` between runs. Rotate who goes first: the backend after another
+    one's run pays for its still-spinning threads and evicted caches (8% measured here),
+    so each backend takes each position equally often."""
     timings = {b.name: Timing(b.name, b.detail) for b in backends}
     for _ in range(warmup):
         for b in backends:
-            time.sleep(SETTLE_S)
+            time.sleep(settle_s)
             b.run()
     for i in range(repeat):
-        # Rotate who goes first: the backend after another one's run pays for its
-        # still-spinning threads and evicted caches (8% measured here), so each backend
-        # takes each position equally often.
-        for b in backends[i % len(backends):] + backends[:i % len(backends)]:
-            time.sleep(SETTLE_S)
+        for b in rotated(backends, i):
+            time.sleep(settle_s)
             timings[b.name].samples_ms.append(b.run())
         log.info("round %d/%d: %s", i + 1, repeat,
                  ", ".join(f"{n} {t.samples_ms[-1]:.2f} ms" for n, t in timings.items()))

@@ -143,7 +143,6 @@ def cmd_tune(args) -> int:
             if "untuned_ms" in v["model"]:
                 print(f"  end to end: {v['model']['untuned_ms']:.2f} ms untuned, "
                       f"{v['model']['validated_ms']:.2f} ms with the log")
-            if "untuned_ms" in v["model"]:
                 print(f"  the tuner's model estimate (its kernels timed alone): "
                       f"{est['untuned']:.2f} ms untuned, {est['tuned']:.2f} ms with every "
                       "result that won alone")

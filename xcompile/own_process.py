@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from xcompile.errors import XCompileError
@@ -27,8 +28,11 @@ class OwnProcess:
     def __init__(self, name: str, cmd: list[str], ready: str = READY, env: dict | None = None):
         self.name = name
         self.detail = ""
+        # stderr into a file, read only when the process fails: a pipe nobody reads
+        # while it runs would block the child once its warnings fill the pipe.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, bufsize=1,
+                                      stderr=self._stderr, text=True, bufsize=1,
                                       env={**os.environ, **(env or {})})
         line = self._expect(ready)
         self.detail = line[len(ready):].strip()
@@ -38,7 +42,8 @@ class OwnProcess:
             line = self._proc.stdout.readline()
             if not line:
                 self._proc.wait()
-                err = (self._proc.stderr.read() or "").strip().splitlines()
+                self._stderr.seek(0)
+                err = self._stderr.read().strip().splitlines()
                 why = err[-1] if err else f"exit status {self._proc.returncode}"
                 raise XCompileError(f"{self.name} failed in its own process: "
                                     f"{why.removeprefix('error: ')}")
@@ -69,7 +74,7 @@ class OwnProcess:
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
                 self._proc.wait()
-        for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
             stream.close()
 
 

@@ -12,6 +12,7 @@ are the bytes used. Runtime only: numpy and the TVM runtime.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from pathlib import Path
@@ -98,7 +99,8 @@ def read_params(path: str | os.PathLike, sha256: str) -> dict:
                 raise r.damaged(f"tensor {name!r} has an unsupported type")
             shape = r.unpack(f"{ndim}q") if ndim else ()
             (nbytes,) = r.unpack("q")
-            if min(shape, default=0) < 0 or nbytes != int(np.prod(shape)) * bits // 8:
+            if min(shape, default=0) < 0 or nbytes != math.prod(shape) * bits // 8:
+                # (math.prod: Python ints, so a crafted shape cannot overflow past it)
                 raise r.damaged(f"tensor {name!r} has a bad size")
             if nbytes > r.left:
                 raise r.damaged("it ends early")

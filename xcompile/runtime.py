@@ -105,7 +105,8 @@ def transformed_weights(folder: Path, manifest: dict, raw) -> list:
     """``main``'s weights made from raw weights by the build's own transform: ``raw`` is
     a list of arrays in the order of the manifest's ``transform.raw``, or a folder of
     ``.npy`` files named by that order (``0000.npy``...). Names, shapes and dtypes must
-    be the build's; the transform modules are checked like the build's module."""
+    be the build's; the transform modules are checked like the build's module, and it
+    must make as many weights as the module takes."""
     tvm = _tvm()
     spec = manifest.get("transform")
     if spec is None:
@@ -120,7 +121,13 @@ def transformed_weights(folder: Path, manifest: dict, raw) -> list:
     for name in spec["files"]:
         check_shared_object(folder / name, read_checked(folder, name, manifest), arch)
         modules.append(tvm.runtime.load_module(str(folder / name)))
-    return apply_transform(modules, [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in raw])
+    weights = apply_transform(modules,
+                              [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in raw])
+    names = manifest["params"]["names"]
+    if len(weights) != len(names):
+        raise XCompileError(f"{folder}'s transform makes {len(weights)} weights; its "
+                            f"module takes {len(names)}")
+    return weights
 
 
 def load_raw_weights(folder: Path, count: int) -> list:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xcompile import bench, build, reference, runtime, targets
+from xcompile import bench, build, peers, reference, runtime, targets
 from xcompile.tuning import TuneOptions, log_folder
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def _median_kernel_ms(predictors: dict, x, rounds: int) -> dict[str, dict[str, f
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in predictors}
     inputs = {name: p.to_device(x) for name, p in predictors.items()}
     for i in range(rounds):
-        order = list(predictors)
-        order = order[i % len(order):] + order[:i % len(order)]
-        for name in order:
+        for name in bench.rotated(list(predictors), i):
             for kernel, (_calls, seconds) in bench.kernel_times(
                     predictors[name], inputs[name], repeat=2).items():
                 samples[name].setdefault(kernel, []).append(seconds * 1e3)
@@ -81,23 +79,13 @@ def _median_kernel_ms(predictors: dict, x, rounds: int) -> dict[str, dict[str, f
 
 def _median_model_ms(predictors: dict, x, rounds: int) -> dict[str, float]:
     """Per build, the median end-to-end ms over interleaved rounds (order rotating), run
-    back to back as a server runs them: both builds share this process's thread pool,
-    so no pause is needed between them (a 50 ms pause, as ``bench`` makes for its
-    peers, let the pool sleep and added 9% to every run)."""
-    samples: dict[str, list[float]] = {name: [] for name in predictors}
-    inputs = {name: p.to_device(x) for name, p in predictors.items()}
-    for p, x_dev in zip(predictors.values(), inputs.values()):
-        p.run_device(x_dev)
-        p.sync()
-    for i in range(rounds * 2):
-        order = list(predictors)
-        order = order[i % len(order):] + order[:i % len(order)]
-        for name in order:
-            start = time.perf_counter()
-            predictors[name].run_device(inputs[name])
-            predictors[name].sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    back to back as a server runs them: a 50 ms pause between runs, as ``bench`` makes
+    for its peers, added 9% to every run here (not TVM's thread pool going to sleep:
+    ``TVM_THREAD_POOL_SPIN_COUNT`` did not change it), and both builds share this
+    process, so no spinning peer needs the pause."""
+    backends = [peers.ours(p, x, name) for name, p in predictors.items()]
+    timings = bench.interleaved(backends, rounds * 2, warmup=1, settle_s=0.0)
+    return {name: t.median_ms for name, t in timings.items()}
 
 
 def _build(opts: TuneOptions, out: Path, tuning_log: str) -> dict:
@@ -120,6 +108,9 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
     # Any earlier verdict judged an older log: builds now apply every record until
     # this one is written.
     (folder / log_folder.VALIDATION).unlink(missing_ok=True)
+    # The log judged is the log as it is now: a record appended while we judge (by
+    # another tune) must not pass as validated.
+    stamp = log_folder.log_stamp(folder)
     with tempfile.TemporaryDirectory(prefix="xcompile-validate-") as tmp:
         log.info("validating the log in the whole model: building without it and with it")
         _build(opts, Path(tmp) / "untuned", "none")
@@ -144,22 +135,27 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
                 name: round(sum(v for k, v in ms.items() if k in ours), 3)
                 for name, ms in kernel_ms.items()}
             del predictors
-            verdict["model"] = _check_model(opts, folder, Path(tmp), verdict, x, rounds)
+            verdict["model"] = _check_model(opts, folder, Path(tmp), verdict, x, rounds,
+                                            stamp)
     verdict["seconds"] = round(time.perf_counter() - started, 1)
-    log_folder.write_validation(folder, verdict)
+    log_folder.write_validation(folder, verdict, stamp)
     return verdict
 
 
-def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int) -> dict:
+def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,
+                 stamp: str) -> dict:
     """Build with the accepted results and time it against the untuned build end to end;
     when it is not faster, reject every result."""
     all_rejected = sorted({r["workload"] for r in verdict["workloads"]})
     if verdict["rejected"] == all_rejected:
         return {"outcome": "no result made its kernels faster in the model"}
-    log_folder.write_validation(folder, verdict)  # the build below applies only these
-    _build(opts, tmp / "validated", str(folder))
+    validated = tmp / "tuned"  # every result accepted: the build with the whole log
+    if verdict["rejected"]:
+        log_folder.write_validation(folder, verdict, stamp)  # the build applies only these
+        validated = tmp / "validated"
+        _build(opts, validated, str(folder))
     predictors = {"untuned": runtime.load(tmp / "untuned"),
-                  "validated": runtime.load(tmp / "validated")}
+                  "validated": runtime.load(validated)}
     ms = _median_model_ms(predictors, x, rounds)
     faster = ms["validated"] <= MODEL_GAIN * ms["untuned"]
     out = {"untuned_ms": round(ms["untuned"], 3), "validated_ms": round(ms["validated"], 3),

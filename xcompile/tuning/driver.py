@@ -99,17 +99,22 @@ def _check_local_device(preset) -> None:
                             "--target host, or measure on such a CPU through --rpc-tracker")
 
 
-def _new_manifest(preset, key: str) -> dict:
+def _new_manifest(preset, key: str, timing: str) -> dict:
     import json
 
     return {"format": log_folder.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
-            "timing": _timing(preset),
+            "timing": timing,
             "versions": versions(), "models": {}, "tasks": {}, "trials": 0,
             "wall_seconds": 0.0, "runs": []}
 
 
-def _timing(preset) -> str:
-    return log_folder.TIMING_CPU if preset.device_kind.is_host else log_folder.TIMING_WARM
+def _evaluator(preset, imported):
+    """How this run times candidates: on CPUs, weights as far back in the caches as in
+    the model (see ``measure.Evaluator``)."""
+    if preset.device_kind.is_host:
+        return measure.Evaluator(repeat=measure.CPU_REPEAT,
+                                 rotate_bytes=_weight_bytes(imported))
+    return measure.Evaluator()
 
 
 def tune(opts: TuneOptions) -> dict:
@@ -151,12 +156,14 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
     log_folder.check_target(folder, manifest, key)
     contents = log_folder.read_log(folder, key)
     log_folder.set_aside_rejected(folder, contents)
+    evaluator = _evaluator(preset, imported)
+    timing = measure.timing(evaluator, remote=bool(opts.rpc_tracker))
     timed = (manifest or {}).get("timing", log_folder.TIMING_WARM)
-    if manifest is not None and timed != _timing(preset):
-        raise XCompileError(f"tuning log {folder} was timed {timed}, this xcompile times "
-                            f"{_timing(preset)}: their times do not compare; tune into "
-                            "another --log-dir")
-    manifest = manifest or _new_manifest(preset, key)
+    if manifest is not None and timed != timing:
+        raise XCompileError(f"tuning log {folder} was timed {timed}, this run times "
+                            f"{timing}: their times do not compare; tune into another "
+                            "--log-dir")
+    manifest = manifest or _new_manifest(preset, key, timing)
     manifest["models"][sha256_file(opts.model)] = {
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
         "builtin": opts.builtin.to_json() if opts.builtin else None}
@@ -165,10 +172,6 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
     rules = schedules.rules_for(preset.family)
     cores = int(target.attrs.get("num-cores", targets.host_cores()))
     builder = measure.make_builder(target, cores, preset.cross_cc if opts.rpc_tracker else None)
-    evaluator = measure.Evaluator()
-    if preset.device_kind.is_host:  # weights as far back in the caches as in the model
-        evaluator = measure.Evaluator(repeat=measure.CPU_REPEAT,
-                                      rotate_bytes=_weight_bytes(imported))
     runner = (measure.rpc_runner(opts.rpc_tracker, opts.rpc_key, evaluator) if opts.rpc_tracker
               else measure.make_local_runner(cores, preset.device, evaluator))
     interrupted = False

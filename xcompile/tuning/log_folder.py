@@ -48,6 +48,7 @@ FORMAT = 1
 # How candidates were timed (measure.Evaluator): logs of one timing are not comparable
 # with another's. Manifests written before this field timed warm.
 TIMING_CPU = "rotated-weights"
+TIMING_FLUSHED = "flushed"  # over RPC: TVM's CPU cache flush before each repeat
 TIMING_WARM = "warm"
 
 
@@ -310,9 +311,10 @@ def log_stamp(folder: Path) -> str:
     return h.hexdigest()
 
 
-def write_validation(folder: Path, validation: dict) -> None:
-    """Write ``validation`` (stamped with the log as it is now)."""
-    data = dict(validation, log_stamp=log_stamp(folder))
+def write_validation(folder: Path, validation: dict, stamp: str | None = None) -> None:
+    """Write ``validation``, stamped with ``stamp`` (the log it judged, taken before
+    judging it) or else with the log as it is now."""
+    data = dict(validation, log_stamp=stamp or log_stamp(folder))
     with atomic_path(folder / VALIDATION, ours) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 

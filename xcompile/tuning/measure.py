@@ -57,6 +57,16 @@ class Evaluator:
     rotate_bytes: int = 0
 
 
+def timing(evaluator: Evaluator, remote: bool) -> str:
+    """How ``evaluator`` times candidates, as a log records it (``log_folder.TIMING_*``):
+    over RPC, TVM's runner cannot rotate weights and flushes the CPU caches instead."""
+    from .log_folder import TIMING_CPU, TIMING_FLUSHED, TIMING_WARM
+
+    if not evaluator.rotate_bytes:
+        return TIMING_WARM
+    return TIMING_FLUSHED if remote else TIMING_CPU
+
+
 # Copies of a kernel's weights and output the runner rotates through, at most.
 MAX_ROTATION = 256
 CPU_REPEAT = 10
@@ -107,7 +117,9 @@ def run_job(path: str, args_info: list, evaluator: Evaluator, device: str,
         # A task's candidates can take two signatures (weights prepacked by our rule or
         # not): keep a few, fewer when each is a rotation as large as the model.
         while len(_ARGS) >= (4 if evaluator.rotate_bytes else 16):
-            _ARGS.pop(next(iter(_ARGS)))
+            oldest = next(iter(_ARGS))
+            del _ARGS[oldest]
+            _CURSOR.pop(oldest, None)
         sets = _ARGS[key] = _argument_sets(args_info, evaluator.rotate_bytes, dev)
     else:
         _ARGS[key] = _ARGS.pop(key)  # most recently used last
