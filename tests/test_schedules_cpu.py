@@ -198,6 +198,43 @@ def test_register_tile_fits_the_registers():
     assert register_tile(728, 8, 16) == (6, 2)  # 728 -> 736 channels, 6x16 tile
 
 
+def test_tiles_follow_the_pixel_rows_and_the_depth():
+    """The register tile pads the pixel rows least (Xception's 19x19 maps: 14 rows, 361
+    -> 364), the reduction runs as interleaved streams where the input channels split
+    into runs of 16 or more, and the tuner's neighbourhood holds the other stream
+    counts."""
+    from xcompile.schedules.cpu.conv_gemm import depth_streams, gemm_configs, register_tile
+
+    assert register_tile(728, 16, 32, rows=361) == (14, 2)
+    assert register_tile(128, 16, 32, rows=96) == (12, 2)  # 96 rows: whole 12-row tiles
+    assert [depth_streams(c) for c in (728, 64, 32, 24, 13, 3)] == [4, 4, 2, 1, 1, 1]
+    configs = gemm_configs(361, 728, 16, 32, 2, 728)
+    assert (configs[0].mr, configs[0].nu, configs[0].streams) == (14, 2, 4)
+    assert {c.streams for c in configs} == {1, 2, 4, 8}
+    assert all(c.streams == 1 for c in gemm_configs(361, 728, 16, 32, 2, 13))
+
+
+@pytest.mark.parametrize("streams", [1, 8])
+def test_reduction_streams_compute_the_same(streams):
+    """Any stream count, not only the default one, gives the unscheduled result."""
+    from dataclasses import replace
+
+    from tvm import s_tir
+
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    func = conv_kernel(cin=64, cout=48, size=13)
+    sch = s_tir.Schedule(func)
+    conv = match_conv2d_nhwc(sch)
+    info = cpu_info(HOST.tvm_target())
+    lanes, registers = info.lanes, info.registers
+    config = replace(gemm_configs(169, 48, lanes, registers, 2, 64)[0], streams=streams)
+    PackedConvGEMM._schedule(sch, conv, config, lanes)
+    assert_computes_the_same(func, sch.mod["main"])
+
+
 def test_a_failing_rule_falls_through_to_the_next(caplog):
     import tvm
 
@@ -232,7 +269,8 @@ def test_other_isas_tilings_compute_the_same(lanes, registers, case):
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
     n, h, w, f = conv.out_shape
-    PackedConvGEMM._schedule(sch, conv, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
+    config = gemm_configs(n * h * w, f, lanes, registers, 4, conv.in_channels)[0]
+    PackedConvGEMM._schedule(sch, conv, config, lanes)
     assert_computes_the_same(func, sch.mod["main"])
 
 
@@ -260,7 +298,8 @@ def test_other_isas_separable_computes_the_same(lanes, registers):
     sch = s_tir.Schedule(func)
     sep = match_separable(sch)
     n, h, w, f = sep.pointwise.out_shape
-    SeparableConv._schedule(sch, sep, gemm_configs(n * h * w, f, lanes, registers, 4)[0], lanes)
+    config = gemm_configs(n * h * w, f, lanes, registers, 4, sep.pointwise.in_channels)[0]
+    SeparableConv._schedule(sch, sep, config, lanes)
     assert_computes_the_same(func, sch.mod["main"])
 
 

@@ -80,9 +80,11 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
     from tvm import relax
 
     from xcompile.batch_norm_folding import fold_batch_norm
+    from xcompile.clip_recovery import recover_clip
 
     t = relax.transform
-    passes = [fold_batch_norm(), t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
+    passes = [fold_batch_norm(), recover_clip(), t.DecomposeOpsForInference(),
+              t.CanonicalizeBindings()]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
     if precision == "fp16":

@@ -37,6 +37,21 @@ def configure_threads() -> None:
     os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
+def use_cores(count: int) -> None:
+    """Run TVM's CPU thread pool with ``count`` threads sharing this process's cores,
+    unpinned: through the environment when the pool has not started, else by
+    reconfiguring it (a process that ran TVM code first has one thread on 2 vCPUs)."""
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    _tvm()  # the runtime library, which registers the pool's functions
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("runtime.NumThreads")() != count:
+        cpus = sorted(os.sched_getaffinity(0))
+        # Mode -3 (kSpecifyThreadShareAllCore): every thread may run on any listed core.
+        tvm_ffi.get_global_func("runtime.config_threadpool")(-3, count, [str(c) for c in cpus])
+
+
 def _tvm():
     """The ``tvm`` package. When this process has not imported PyTorch, tvm-ffi is kept
     from importing it (it does, when installed, to dodge a symbol clash seen on Windows):

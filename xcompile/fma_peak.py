@@ -1,0 +1,77 @@
+"""This CPU's float32 FMA peak, measured rather than computed from a reported clock.
+
+A VM's ``/proc/cpuinfo`` gives the nominal clock, not the one the cores run at: on a
+2-core Emerald Rapids (Xeon, CPUID model 207) it said 2.10 GHz while a dependent chain
+of integer multiplies ran at 3.5-3.7 GHz, so a peak computed from it (269 GFLOP/s) put
+our GEMMs at 112-132% of "peak". The kernel here is what the peak is: every core runs
+independent vector FMA chains, as many as the preset's registers hold, long enough to
+hide the FMA latency, with nothing to load or store. Its rate is the ceiling our
+kernels are measured against.
+"""
+
+from __future__ import annotations
+
+import time
+
+# Per-core accumulators: the register file less a few, which covers FMA latency x pipes
+# (4-5 x 2) on every x86 and ARM core we target.
+SPARE_REGISTERS = 4
+STEPS = 400_000  # FMA steps per chain per call: ~1.5 ms on a 2-core AVX-512 machine
+
+
+def chains(registers: int) -> int:
+    """Independent FMA chains per core for a register file of ``registers`` vectors."""
+    return max(1, registers - SPARE_REGISTERS)
+
+
+def _kernel(lanes: int, count: int, cores: int):
+    """The PrimFunc: ``cores`` parallel iterations, each ``n`` steps of ``count``
+    independent ``lanes``-wide FMA chains, results stored (so nothing is dead code)."""
+    from tvm.script import tirx as T
+
+    width = lanes * count
+
+    @T.prim_func
+    def fma_peak(out: T.Buffer((cores, width), "float32"), n: T.int32):
+        T.func_attr({"global_symbol": "fma_peak", "tirx.noalias": True})
+        for p in T.parallel(cores):
+            acc = T.decl_buffer((width,), "float32", scope="local")
+            for c in T.unroll(count):
+                for j in T.vectorized(lanes):
+                    acc[c * lanes + j] = T.float32(0)
+            for _ in range(n):
+                for c in T.unroll(count):
+                    for j in T.vectorized(lanes):
+                        i = c * lanes + j
+                        acc[i] = acc[i] * T.float32(0.999999) + T.float32(1e-7)
+            for c in T.unroll(count):
+                for j in T.vectorized(lanes):
+                    out[p, c * lanes + j] = acc[c * lanes + j]
+
+    return fma_peak
+
+
+def measure(target: dict, lanes: int, registers: int, cores: int,
+            repeat: int = 7) -> float:
+    """The best of ``repeat`` timed calls, in GFLOP/s, of the FMA kernel compiled for
+    ``target`` (a TVM target dict) with ``lanes``-wide vectors on ``cores`` threads.
+    Raises ImportError where TVM's compiler is not installed (a runtime-only install)."""
+    import numpy as np
+    import tvm
+
+    from xcompile import runtime
+
+    runtime.use_cores(cores)
+
+    count = chains(registers)
+    lib = tvm.compile(tvm.IRModule({"fma_peak": _kernel(lanes, count, cores)}),
+                      target=tvm.target.Target(target))
+    out = tvm.runtime.tensor(np.zeros((cores, lanes * count), "float32"))
+    fn = lib["fma_peak"]
+    fn(out, 100)  # warm up: thread pool started, code paged in
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(out, STEPS)
+        best = min(best, time.perf_counter() - start)
+    return 2 * lanes * count * cores * STEPS / best / 1e9
