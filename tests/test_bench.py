@@ -3,6 +3,7 @@ memory per backend in fresh processes, the kernel profile with FLOP rates; and t
 loaders' memory: weights read once, straight into the tensors the module uses."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,23 @@ def test_bench_times_every_peer_and_measures_memory(mobile_build, tmp_path):
     arithmetic = preset.vector_bits / 32 * 2 * preset.fma_units * targets.host_cores() * ghz
     assert f"= {arithmetic:.0f} GFLOP/s" in result["peak"]["how"]
     assert "GFLOP/s" in proc.stdout and "peak:" in proc.stdout
+
+
+def test_runtime_only_peak_is_the_arithmetic(mobile_build):
+    """With the TVM runtime alone, bench cannot build the FMA kernel: the peak is lanes x
+    2 x pipes x cores x the reported clock, and says so (it had ended in an
+    AttributeError from TVM)."""
+    code = ("import json, sys; from xcompile.bench import peak_gflops; "
+            "from xcompile.manifest import read_manifest; "
+            "print(json.dumps(peak_gflops(read_manifest(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(mobile_build)], text=True,
+                          capture_output=True, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    if result is None:
+        assert targets.host_clock()[0] == 0  # no clock reported: no peak to give
+    else:
+        assert not result[1].startswith("measured") and "FMA pipes" in result[1], result
 
 
 BLAS_RATE = """

@@ -51,11 +51,22 @@ def _kernel(lanes: int, count: int, cores: int):
     return fma_peak
 
 
+def can_compile() -> bool:
+    """Whether this process has TVM's compiler (not so with ``TVM_USE_RUNTIME_LIB=1`` or
+    a package without ``libtvm_compiler.so``, where ``tvm`` imports all the same)."""
+    try:
+        import tvm  # noqa: F401  (loads the libraries that register the globals)
+        import tvm_ffi
+    except ImportError:
+        return False
+    return tvm_ffi.get_global_func("target.Target", allow_missing=True) is not None
+
+
 def measure(target: dict, lanes: int, registers: int, cores: int,
             repeat: int = 7) -> float:
     """The best of ``repeat`` timed calls, in GFLOP/s, of the FMA kernel compiled for
     ``target`` (a TVM target dict) with ``lanes``-wide vectors on ``cores`` threads.
-    Raises ImportError where TVM's compiler is not installed (a runtime-only install)."""
+    Needs TVM's compiler (``can_compile``)."""
     import numpy as np
     import tvm
 
