@@ -2,7 +2,8 @@
 143 (SIGTERM), outputs not half-written, a tuning log finalised with the trials made.
 
 The command line installs ``handle()``; from then on either signal raises
-``KeyboardInterrupt`` in the main thread and is remembered. A ``KeyboardInterrupt``
+``KeyboardInterrupt`` in the main thread and is remembered (only remembered inside
+``deferred()``). A ``KeyboardInterrupt``
 raised inside Python code that TVM called (a tuning callback) comes back out of TVM as
 TVM's own error type: ``received()`` tells such an error from a real failure.
 """
@@ -10,6 +11,7 @@ TVM's own error type: ``received()`` tells such an error from a real failure.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 
 from xcompile.errors import XCompileError
 
@@ -24,10 +26,29 @@ class Interrupted(XCompileError):
         self.exit_code = 128 + signum
 
 
+_deferred = False
+
+
 def _handler(signum, _frame):
     global _received
     _received = signum
-    raise KeyboardInterrupt
+    if not _deferred:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred():
+    """Within: a signal is only recorded, and the code polls ``received()`` where it may
+    stop. For TVM's C++ loops that call back into Python (MetaSchedule's search): a
+    ``KeyboardInterrupt`` raised at an arbitrary point of such a callback once ended in
+    ``std::terminate`` (a segfault report, exit -6) instead of a finalised log."""
+    global _deferred
+    before = _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = before
 
 
 def handle() -> None:

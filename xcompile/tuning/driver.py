@@ -219,15 +219,18 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
             per_iter = TRIALS_PER_ITER
             if remaining < per_iter * len(todo):  # a small budget: every task gets some
                 per_iter = cap = min(cap, -(-remaining // len(todo)))
-            ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in todo],
-                          work_dir=str(folder), max_trials_global=remaining,
-                          max_trials_per_task=min(cap, remaining),
-                          num_trials_per_iter=per_iter, builder=builder,
-                          runner=runner, database=database, cost_model="xgb",
-                          measure_callbacks=callbacks,
-                          task_scheduler=scheduler.joined_scheduler(
-                              [float(t.weight) for t in todo],
-                              lambda i: run_progress.best_ms.get(todo[i].name, 1.0)))
+            # A signal ends the search at the next batch (the scheduler polls it), not
+            # at an arbitrary point of a callback inside TVM's C++ loop.
+            with signals.deferred():
+                ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in todo],
+                              work_dir=str(folder), max_trials_global=remaining,
+                              max_trials_per_task=min(cap, remaining),
+                              num_trials_per_iter=per_iter, builder=builder,
+                              runner=runner, database=database, cost_model="xgb",
+                              measure_callbacks=callbacks,
+                              task_scheduler=scheduler.joined_scheduler(
+                                  [float(t.weight) for t in todo],
+                                  lambda i: run_progress.best_ms.get(todo[i].name, 1.0)))
     except KeyboardInterrupt:
         interrupted = True
     except Exception:
