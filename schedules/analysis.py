@@ -61,6 +61,9 @@ class Conv2DNHWC:
     # Elementwise blocks after the epilogues over another shape (a squeeze-excite gate
     # multiplying a feature map): scheduled on their own, after the convolution.
     tail: list = field(default_factory=list)
+    # Operations per output element in ``epilogues`` as written (TVM's count: a bias and
+    # ReLU 1-2, a SiLU's polynomial sigmoid ~120, its shared subexpressions counted anew).
+    epilogue_ops: float = 0.0
 
     @property
     def depthwise(self) -> bool:
@@ -139,6 +142,8 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     """Find the single convolution block of a fused conv PrimFunc (see ``conv_block``),
     or None. Every other root block is elementwise: a padding producer, or an epilogue
     over the output's shape."""
+    from tvm import s_tir
+
     split = _split_blocks(sch)
     if split is None or len(split[0]) != 1:
         return None
@@ -155,6 +160,8 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     while same < len(after) and _same_shape(sch, after[same:same + 1], conv.out_shape):
         same += 1
     conv.epilogues, conv.tail = after[:same], after[same:]
+    conv.epilogue_ops = sum(float(s_tir.analysis.estimate_tir_flops(sch.get(b)))
+                            for b in conv.epilogues)
     return conv
 
 
@@ -294,6 +301,38 @@ def classify(func) -> str:
         return SEPARABLE
     conv = match_conv2d_nhwc(s_tir.Schedule(func))
     return conv.kind if conv is not None else OTHER
+
+
+def work_flops(func) -> float:
+    """The FLOPs of one call of ``func`` as model FLOPs are conventionally counted: 2 per
+    multiply-accumulate of its reductions (a convolution's or matmul's MACs), 1 per element
+    reduced otherwise (a mean, a max pool); elementwise work fused around them is not
+    counted (``estimate_tir_flops`` counts every operation, and a SiLU epilogue's
+    polynomial then makes a 1x1 conv look 5x faster than it is). A kernel without a
+    reduction: TVM's operation count."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    total, reductions = 0.0, 0
+    for rv in root_blocks(sch):
+        block = sch.get(rv)
+        if "R" not in iter_kinds(block):
+            continue
+        reductions += 1
+        elements = 1
+        for iv in block.iter_vars:
+            elements *= int(iv.dom.extent)
+        value = block.body.value if isinstance(block.body, tirx.BufferStore) else None
+        while isinstance(value, tirx.Cast):
+            value = value.value
+        mac = isinstance(value, tirx.Add) and any(
+            isinstance(v.value if isinstance(v, tirx.Cast) else v, tirx.Mul)
+            for v in (value.a, value.b))
+        total += elements * (2 if mac else 1)
+    if reductions:
+        return total
+    return float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
 
 
 def accumulate_locally(sch, conv: Conv2DNHWC, pad_in_place: bool = True):

@@ -134,15 +134,15 @@ def annotate_work():
     """A module pass recording on every PrimFunc its kind and FLOPs per call (what
     ``kernel_work`` reports; a profile divides the FLOPs by the kernel's time)."""
     import tvm
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
-    from .analysis import classify
+    from .analysis import classify, work_flops
 
     @tvm.transform.module_pass(opt_level=0, name="xcompile.AnnotateWork")
     def _pass(mod, _ctx):
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, tirx.PrimFunc) and FLOPS_ATTR not in (func.attrs or {}):
-                flops = float(s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": func})))
+                flops = work_flops(func)
                 mod[gvar] = func.with_attr(KIND_ATTR, classify(func)).with_attr(
                     FLOPS_ATTR, tirx.FloatImm("float64", flops))
         return mod

@@ -99,6 +99,27 @@ class _Head(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+def test_depthwise_tiles_follow_the_epilogue(preset):
+    """The default tile is one pixel under a light epilogue (bias, ReLU) and a row of
+    pixels split evenly under a heavy one (SiLU: 19 pixels as 10 + 9 with 32 registers,
+    7 + 7 + 5 with 16); every tile the tuner may pick computes what the unscheduled
+    kernel does, the uneven ones included."""
+    from xcompile.schedules.cpu.depthwise import row_tile
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = preset.tvm_target()
+    registers = cpu_info(target).registers
+    light = VectorDepthwise().all_configs(depthwise_kernel(c=32, size=19, k=3, pad=1), target)
+    assert (light[0].vectors, light[0].pixels) == (1, 1)
+    func = depthwise_kernel(c=32, size=19, k=3, pad=1, act=nn.SiLU)
+    configs = VectorDepthwise().all_configs(func, target)
+    assert configs[0].pixels == row_tile(19, registers) == (10 if registers == 32 else 7)
+    assert all(c.vectors * c.pixels <= registers // 2 for c in configs)
+    for config in [c for c in configs if 19 % c.pixels]:
+        sch = VectorDepthwise().apply_config(func, target, config)
+        assert_computes_the_same(func, sch.mod["main"], target)
+
+
 def test_generic_rule_on_everything_else(preset):
     target = preset.tvm_target()
     kernels = lowered_kernels(_Head(), (1, 64, 38, 38))

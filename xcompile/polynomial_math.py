@@ -7,7 +7,7 @@ The approximations are TVM's own (``topi.fast_exp``: Cephes' expf; ``fast_erf`` 
 ``fast_tanh``: Eigen's rational ones), here as legalizations of the Relax ops, so every
 kernel that fuses them gets them, and with two changes: a NaN input stays NaN (TVM's
 clamps are LLVM's ``maxnum``/``minnum``, which drop NaN), and ``sigmoid`` (which SiLU
-exports as) is ``1 / (1 + exp(-x))`` on the polynomial exp. Measured against float64
+exports as) is computed from the polynomial ``exp(-|x|)``. Measured against float64
 over [-100, 100]: relative error below 4e-7 for exp, sigmoid, tanh and erf outside
 |x| < 1e-3, absolute below 1e-7 inside it (``tests/test_polynomial_math.py``).
 float16 computes in float32.
@@ -61,9 +61,28 @@ def exp(x):
 
 
 def sigmoid(x):
-    """1 / (1 + e**-x)."""
+    """1 / (1 + e**-x), from e = e**-|x| alone: 1 / (1 + e) for x >= 0, e / (1 + e) below.
+    With |x| clamped to 88, e needs one power of two, 2**n for n in [-127, 0] (n = -127:
+    the zero that e**-88 rounds to at this precision), and NaN propagates through the
+    arithmetic instead of being selected back. Measured as a SiLU over 112x112x96 floats
+    on 2 Emerald Rapids cores (AVX-512): 0.20-0.22 ms, against 0.27-0.30 ms as
+    ``1 / (1 + exp(-x))`` and 0.165 ms for a ReLU (the memory traffic alone); a SiLU
+    epilogue was most of a depthwise conv's time."""
+    from tvm import tirx
+
     one = _f(1.0)
-    return _keep_nan(x, one / (one + exp(-x)))
+    a = tirx.abs(x)
+    a = tirx.Select(a > _f(88.0), _f(88.0), a)  # (a comparison with NaN is false)
+    n = tirx.floor(a * _f(-1.44269504088896341) + _f(0.5))
+    r = n * _f(-0.6931471805599453) - a
+    p = _f(1.9875691500e-4)
+    for coefficient in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                        1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + _f(coefficient)
+    y = p * r * r + r + one
+    e = y * tirx.reinterpret("float32", tirx.Cast("int32", n + _f(127.0)) << 23)
+    s = one / (one + e)
+    return tirx.Select(x < _f(0.0), e * s, s)
 
 
 def _odd_rational(x, clamp: float, numerator, denominator):

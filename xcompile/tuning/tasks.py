@@ -26,16 +26,15 @@ class Task:
 
 def extract(mod, target) -> list[Task]:
     """The distinct PrimFuncs of ``mod`` (a lowered Relax module), heaviest first."""
-    from tvm.s_tir import analysis
     from tvm.s_tir import meta_schedule as ms
 
-    from xcompile.schedules.analysis import classify
+    from xcompile.schedules.analysis import classify, work_flops
 
     tasks = []
     for t in ms.relax_integration.extract_tasks(mod, target):
         work = t.dispatched[0]
         tasks.append(Task(t.task_name, work, int(t.weight), classify(work["main"]),
-                          float(analysis.estimate_tir_flops(work))))
+                          work_flops(work["main"])))
     tasks.sort(key=lambda t: -t.flops * t.weight)
     return tasks
 
