@@ -167,6 +167,31 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
     return out
 
 
+def pack_panel(sch, panel, mr: int, channels: int, lanes: int) -> None:
+    """Lay out the packed input ``panel`` (rows ``[row, (window,) k]``) so that a tile's
+    MR rows sit side by side: ``[tile, (window,) k // lanes, row-in-tile, k % lanes]``,
+    copied a vector of channels at a time, where ``lanes`` divides the ``channels``
+    (else ``[tile, (window,) k, row-in-tile]``, copied by LLVM as it likes).
+
+    A step of the reduction broadcasts its MR inputs from MR lines that the next
+    ``lanes`` steps reuse, and the copy is whole-vector loads and stores. The layout
+    with the rows innermost made LLVM copy with scatters (about an element a cycle; 22 M
+    elements in legacy_xception at batch 1). Measured there on 2 Emerald Rapids cores,
+    interleaved: pointwise convs 48.8 -> 46.4 ms, the 3x3 stem convs 3.3 -> 2.7 ms.
+    """
+    from tvm.tirx import IndexMap
+
+    ndim = len(sch.get(panel).writes[0].source.shape)
+    if lanes > 1 and channels % lanes == 0:
+        sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
+            lambda *i: (i[0] // mr, *i[1:-1], i[-1] // lanes, i[0] % mr, i[-1] % lanes),
+            ndim=ndim))
+        sch.vectorize(sch.split(sch.get_loops(panel)[-1], [None, lanes])[1])
+    else:
+        sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
+            lambda *i: (i[0] // mr, *i[1:], i[0] % mr), ndim=ndim))
+
+
 class PackedConvGEMM(ConfigRule):
     """Schedule rule: dense (groups=1) NHWC/HWIO convolution -> packed register-tiled GEMM."""
 
@@ -193,8 +218,6 @@ class PackedConvGEMM(ConfigRule):
 
     @staticmethod
     def _schedule(sch, conv, config: GEMMTile, lanes: int) -> None:
-        from tvm.tirx import IndexMap
-
         mr, nu, mb, groups = config.mr, config.nu, config.mb, config.groups
         nr = nu * lanes
         # Channels padded to whole tiles, and to whole groups of them.
@@ -246,10 +269,7 @@ class PackedConvGEMM(ConfigRule):
             sch.unroll(rs)
         sch.reverse_compute_at(wb, mt)
         sch.compute_at(panel, mo)
-        # [row, (window,) k] -> [tile, (window,) k, row-in-tile]: MR rows side by side.
-        ndim = len(sch.get(panel).writes[0].source.shape)
-        sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
-            lambda *i: (i[0] // mr, *i[1:], i[0] % mr), ndim=ndim))
+        pack_panel(sch, panel, mr, conv.in_channels, lanes)
         sch.unroll(mi)
         sch.unroll(cu)
         sch.vectorize(cv)
