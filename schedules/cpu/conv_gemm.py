@@ -28,7 +28,7 @@ from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
                         inline_padding, match_conv)
 from .generic import schedule_tail
-from .target_info import cpu_info
+from .target_info import channel_vector, cpu_info
 
 # At most this many register tiles per parallel chunk: each chunk streams every weight
 # panel once, so bigger chunks read the weights fewer times (at batch 8, 32 instead of
@@ -169,9 +169,10 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
 
 def pack_panel(sch, panel, mr: int, channels: int, lanes: int) -> None:
     """Lay out the packed input ``panel`` (rows ``[row, (window,) k]``) so that a tile's
-    MR rows sit side by side: ``[tile, (window,) k // lanes, row-in-tile, k % lanes]``,
-    copied a vector of channels at a time, where ``lanes`` divides the ``channels``
-    (else ``[tile, (window,) k, row-in-tile]``, copied by LLVM as it likes).
+    MR rows sit side by side: ``[tile, (window,) k // v, row-in-tile, k % v]``, copied a
+    vector of v channels at a time, v the widest vector that divides the ``channels``
+    (``channel_vector``: 8 of 16 lanes for 728); with an odd channel count
+    ``[tile, (window,) k, row-in-tile]``, copied by LLVM as it likes.
 
     A step of the reduction broadcasts its MR inputs from MR lines that the next
     ``lanes`` steps reuse, and the copy is whole-vector loads and stores. The layout
@@ -182,11 +183,12 @@ def pack_panel(sch, panel, mr: int, channels: int, lanes: int) -> None:
     from tvm.tirx import IndexMap
 
     ndim = len(sch.get(panel).writes[0].source.shape)
-    if lanes > 1 and channels % lanes == 0:
+    v = channel_vector(channels, lanes)
+    if v > 1:
         sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
-            lambda *i: (i[0] // mr, *i[1:-1], i[-1] // lanes, i[0] % mr, i[-1] % lanes),
+            lambda *i: (i[0] // mr, *i[1:-1], i[-1] // v, i[0] % mr, i[-1] % v),
             ndim=ndim))
-        sch.vectorize(sch.split(sch.get_loops(panel)[-1], [None, lanes])[1])
+        sch.vectorize(sch.split(sch.get_loops(panel)[-1], [None, v])[1])
     else:
         sch.transform_layout(panel, ("write", 0), IndexMap.from_func(
             lambda *i: (i[0] // mr, *i[1:], i[0] % mr), ndim=ndim))
