@@ -43,6 +43,12 @@ MAX_TILES_PER_CHUNK = 32
 MAX_ROWS = 14
 
 
+def most_rows(nu: int, registers: int) -> int:
+    """The most pixel rows a tile of ``nu`` channel vectors can have: MR x NU accumulators,
+    NU weight vectors and one broadcast in the vector registers, and at most MAX_ROWS."""
+    return min(MAX_ROWS, (registers - nu - 1) // nu)
+
+
 def register_tile(channels: int, lanes: int, registers: int,
                   rows: int = 0) -> tuple[int, int]:
     """(MR, NU): a tile of MR pixel rows x NU vectors of output channels.
@@ -56,7 +62,7 @@ def register_tile(channels: int, lanes: int, registers: int,
     """
     best = None
     for nu in (1, 2, 3, 4):
-        top = min(MAX_ROWS, (registers - nu - 1) // nu)
+        top = most_rows(nu, registers)
         for mr in range(top, top - 3, -1):
             if mr < 1 or mr * nu < 10:
                 continue
@@ -155,7 +161,7 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         if other != streams and depth % other == 0:
             out.append(replace(first, streams=other))
     for nu in (1, 2, 3, 4):
-        top = min(MAX_ROWS, (registers - nu - 1) // nu)
+        top = most_rows(nu, registers)
         for mr in sorted({top, top - 2, 4} - {0}, reverse=True):
             if not 1 <= mr <= top:
                 continue
