@@ -180,8 +180,8 @@ def pack_panel(sch, panel, mr: int, channels: int, lanes: int) -> None:
     (``channel_vector``: 8 of 16 lanes for 728); with an odd channel count
     ``[tile, (window,) k, row-in-tile]``, copied by LLVM as it likes.
 
-    A step of the reduction broadcasts its MR inputs from MR lines that the next
-    ``lanes`` steps reuse, and the copy is whole-vector loads and stores. The layout
+    A step of the reduction broadcasts its MR inputs from MR lines that the next v - 1
+    steps reuse, and the copy is whole-vector loads and stores. The layout
     with the rows innermost made LLVM copy with scatters (about an element a cycle; 22 M
     elements in legacy_xception at batch 1). Measured there on 2 Emerald Rapids cores,
     interleaved: pointwise convs 48.8 -> 46.4 ms, the 3x3 stem convs 3.3 -> 2.7 ms.
