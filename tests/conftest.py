@@ -114,3 +114,54 @@ def ort_run(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 def max_rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core this process may use, at most 4 (each worker holds
+    TVM, torch and the peers: about 1.5 GB)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Tests marked ``timing`` compare timings taken at different moments (a measured
+    peak against a BLAS, kernels against that peak), so under xdist they run with no
+    other test beside them: every test holds a lock shared, a timing test exclusively,
+    from its fixtures' setup to their teardown. A turnstile, held by a timing test while
+    it waits, keeps the other workers' next tests from starving it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        yield
+        return
+    import fcntl
+
+    root = Path(item.config.workerinput["xcompile_lock_dir"])
+    alone = item.get_closest_marker("timing") is not None
+    with open(root / "turnstile.lock", "a") as turnstile, open(root / "tests.lock", "a") as tests:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(tests, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(tests, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist, in the controller: every worker gets the same folder for the locks above."""
+    import tempfile
+
+    config = node.config
+    if not hasattr(config, "_xcompile_lock_dir"):
+        config._xcompile_lock_dir = tempfile.mkdtemp(prefix="xcompile-test-locks-")
+    node.workerinput["xcompile_lock_dir"] = config._xcompile_lock_dir
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if hasattr(config, "_xcompile_lock_dir"):
+        shutil.rmtree(config._xcompile_lock_dir, ignore_errors=True)

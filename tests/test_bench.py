@@ -27,6 +27,7 @@ def mobile_build(mobile_onnx, tmp_path_factory):
 
 
 @needs_openvino
+@pytest.mark.timing
 def test_bench_times_every_peer_and_measures_memory(mobile_build, tmp_path):
     proc = run_cli("bench", str(mobile_build), "--repeat", "3", "--memory", "--profile",
                    "--json", str(tmp_path / "b.json"))
@@ -93,6 +94,7 @@ print(2 * 1536 ** 3 / best / 1e9)
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("preset_name", executable_cpu_presets())
 def test_measured_fma_peak_is_a_ceiling(preset_name):
     """The measured FMA peak is at least what the BLAS under numpy reaches on a large
