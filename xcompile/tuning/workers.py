@@ -64,18 +64,22 @@ class WorkerPool:
     def map(self, fn, jobs: list[tuple]) -> list[tuple[bool, object]]:
         """``fn(*job)`` for each job, on the workers in parallel: ``(True, result)`` or
         ``(False, one-line error)`` (a crash or a timeout charged to that job alone)."""
-        futures = [self._pool.submit(fn, *job) for job in jobs]
-        results: list[tuple[bool, object]] = []
-        for fut in futures:
-            try:
-                results.append((True, fut.result()))
-            except ChildProcessError:
-                results.append((False, "the worker process crashed on this job"))
-            except TimeoutError:
-                results.append((False, f"timed out after {self.timeout:.0f} s"))
-            except Exception as e:  # the job's own error, with the worker's traceback
-                results.append((False, one_line(e)))
-        return results
+        return [self.outcome(fut) for fut in [self.submit(fn, *job) for job in jobs]]
+
+    def submit(self, fn, *args):
+        """Start ``fn(*args)`` on a worker; ``outcome`` of the returned future waits."""
+        return self._pool.submit(fn, *args)
+
+    def outcome(self, fut) -> tuple[bool, object]:
+        """``(True, result)`` of a submitted job, or ``(False, one-line error)``."""
+        try:
+            return True, fut.result()
+        except ChildProcessError:
+            return False, "the worker process crashed on this job"
+        except TimeoutError:
+            return False, f"timed out after {self.timeout:.0f} s"
+        except Exception as e:  # the job's own error, with the worker's traceback
+            return False, one_line(e)
 
     def close(self) -> None:
         """End every worker (killing any still running a job)."""
