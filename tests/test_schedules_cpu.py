@@ -228,6 +228,10 @@ def test_tiles_follow_the_pixel_rows_and_the_depth():
 
     assert register_tile(728, 16, 32, rows=361) == (14, 2)
     assert register_tile(128, 16, 32, rows=96) == (12, 2)  # 96 rows: whole 12-row tiles
+    # Tiles within 1% of the best score: the most accumulators, not the least padding
+    # (5 x 2 on AVX2 pads 361 rows by 4, 6 x 2 by 5; 5 x 4 pads 21,609 by 1, 14 x 2 by 7).
+    assert register_tile(728, 8, 16, rows=361) == (6, 2)
+    assert register_tile(64, 16, 32, rows=21609) == (14, 2)
     assert [depth_streams(c) for c in (728, 64, 32, 24, 13, 3)] == [4, 4, 2, 1, 1, 1]
     configs = gemm_configs(361, 728, 16, 32, 2, 728)
     assert (configs[0].mr, configs[0].nu, configs[0].streams) == (14, 2, 4)
