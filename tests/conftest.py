@@ -165,3 +165,17 @@ def pytest_unconfigure(config):
 
     if hasattr(config, "_xcompile_lock_dir"):
         shutil.rmtree(config._xcompile_lock_dir, ignore_errors=True)
+
+
+# The longest test files (seconds of one worker, on 2 cores): under ``--dist loadfile``
+# a worker takes a file at a time in collection order, and a long file taken last runs
+# alone at the end while the other worker idles (CI: 18.5 minutes, the last 10% of the
+# tests taking 5 of them). Collected first, they start at once.
+LONGEST_FIRST = ("test_tuning.py", "test_faults.py", "test_memory_safety.py",
+                 "test_gpu_kit.py", "test_build_x86.py", "test_cuda.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of LONGEST_FIRST first, in that order; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
