@@ -106,8 +106,8 @@ def _build_both(opts: TuneOptions, tmp: Path, folder: Path) -> dict:
     """Build the model without the log (``tmp/untuned``) and with it (``tmp/tuned``);
     returns the tuned build's manifest. With more than one core the untuned build runs
     in a worker process beside this one: a build is mostly single-threaded LLVM code
-    generation and weight packing (a 12-14 s Xception build used 1.0 of 2 cores), so
-    side by side the pair took 16 s instead of 27 on a 2-core Emerald Rapids. Should the
+    generation and weight packing (an Xception build: 15.2 s of CPU in 16.5 s), so side
+    by side the pair took 13 s instead of 28 on a 2-core Emerald Rapids. Should the
     worker fail, the build is repeated here, where its error is the build's own."""
     if targets.host_cores() < 2:
         _build(opts, tmp / "untuned", "none")
