@@ -119,7 +119,9 @@ def max_rel_err(ours, ref) -> float:
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: a worker per core this process may use, at most 4 (each worker holds
     TVM, torch and the peers: about 1.5 GB)."""
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    from xcompile import targets
+
+    return min(targets.host_cores(), 4)
 
 
 @pytest.hookimpl(hookwrapper=True)

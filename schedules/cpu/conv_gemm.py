@@ -76,9 +76,8 @@ def register_tile(channels: int, lanes: int, registers: int,
     # most rows: a step loads NU weight vectors for MR x NU FMAs, so more rows read the
     # weights fewer times (see NEAR_TIE).
     best = max(score for score, _, _ in scored)
-    _, mr, nu = max((mr * nu, mr, -i) + (mr, nu) for i, (score, mr, nu) in enumerate(scored)
-                    if score >= (1 - NEAR_TIE) * best)[2:]
-    return mr, nu
+    near = [(mr, nu) for score, mr, nu in scored if score >= (1 - NEAR_TIE) * best]
+    return max(near, key=lambda tile: (tile[0] * tile[1], tile[0]))
 
 
 # Register tiles scoring within this fraction of the best count as equal, and the one
