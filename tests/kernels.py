@@ -56,9 +56,14 @@ def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
 
 
 def run_kernel(func, arrays, target=None):
+    """``func`` compiled as a build compiles its kernels (with the pass that finishes
+    scheduled ones), run on ``arrays``; returns the last (the output)."""
     import tvm
 
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+    from xcompile import schedules
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(schedules.insert_panel_prefetch()(mod),
                       target=target or HOST.tvm_target())
     tensors = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*tensors)

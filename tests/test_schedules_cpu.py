@@ -180,9 +180,11 @@ def _asm(func, preset_name, rule=None):
     import tvm
 
     preset = targets.resolve(preset_name)
+    from xcompile import schedules
+
     sch = (rule or PackedConvGEMM()).apply(func, preset.tvm_target())
-    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
-                      target=preset.tvm_target())
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    lib = tvm.compile(schedules.insert_panel_prefetch()(mod), target=preset.tvm_target())
 
     def find(m):
         if m.kind == "llvm":
@@ -237,6 +239,58 @@ def test_tiles_follow_the_pixel_rows_and_the_depth():
     assert (configs[0].mr, configs[0].nu, configs[0].streams) == (14, 2, 4)
     assert {c.streams for c in configs} == {1, 2, 4, 8}
     assert all(c.streams == 1 for c in gemm_configs(361, 728, 16, 32, 2, 13))
+
+
+def test_tiles_prefetch_the_next_weight_panel():
+    """A pointwise GEMM's tiles split their reduction into parts of at least 24 steps
+    per stream, and each part prefetches its share of the next weight panel into L2:
+    Xception's 19x19x728 GEMM (4 streams of 182 steps) in 7 parts; the chunk's 13 tiles
+    x 7 parts x 16 lines cover the next panel's 1,456 lines (728 x 32 floats). A KxK
+    window and short reductions get none; the tuner also times the default without."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    from xcompile import schedules
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs, prefetch_parts
+
+    assert [prefetch_parts(s) for s in (182, 256, 384, 48, 47, 16)] == [7, 8, 16, 2, 0, 0]
+    configs = gemm_configs(361, 728, 16, 32, 2, 728)
+    assert (configs[0].mb, configs[0].streams, configs[0].prefetch) == (13, 4, 7)
+    assert any(c.prefetch == 0 for c in configs)
+    assert all(c.prefetch == 0 for c in gemm_configs(361, 728, 16, 32, 2, 728, window=9))
+
+    func = conv_kernel(728, 728, size=19)
+    sch = s_tir.Schedule(func)
+    PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), configs[0], 16)
+    mod = schedules.insert_panel_prefetch()(tvm.IRModule({"main": sch.mod["main"]}))
+    text = mod["main"].script()
+    assert re.search(r"for prefetch_line in range\(T\.int64\(16\)\)", text)
+    assert "T.prefetch(" in text and text.count("T.prefetch(") == 1
+    # Unmarked kernels pass through unchanged.
+    plain = tvm.IRModule({"main": func})
+    assert schedules.insert_panel_prefetch()(plain)["main"].same_as(func)
+
+
+def test_prefetching_tiles_compute_the_same_and_prefetch():
+    """The default schedule of a pointwise conv with a deep reduction, built as a build
+    builds it, gives the unscheduled result, and its machine code prefetches (into L2 on
+    x86)."""
+    from tvm import s_tir
+
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    func = conv_kernel(cin=256, cout=96, size=9)
+    sch = s_tir.Schedule(func)
+    conv = match_conv2d_nhwc(sch)
+    config = PackedConvGEMM().configs(conv, HOST.tvm_target())[0]
+    assert config.prefetch > 1
+    PackedConvGEMM._schedule(sch, conv, config, cpu_info(HOST.tvm_target()).lanes)
+    assert_computes_the_same(func, sch.mod["main"])
+    assert "prefetcht1" in _asm(func, "x86-avx2")
 
 
 @pytest.mark.parametrize("streams", [1, 8])

@@ -129,8 +129,9 @@ COMPILE_PIPELINE = "xcompile"
 
 def compile_pipeline(preset):
     """The Relax pipeline ``tvm.compile`` runs on an optimized module for ``preset``,
-    registered with ``relax.register_pipeline`` as ``"xcompile"``: the phases of TVM's
-    own pipeline for the preset's backend (library dispatch; dataflow lowering;
+    registered with ``relax.register_pipeline`` as ``"xcompile"``: the pass that
+    finishes our scheduled kernels (``schedules.insert_panel_prefetch``), then the phases
+    of TVM's own pipeline for the preset's backend (library dispatch; dataflow lowering;
     finalization: memory planning, CUDA graph capture, VM lowering), without its
     legalization phase, which on GPUs applies DLight's default schedules: our kernels
     arrive legalized and scheduled. (The phases come from the backend's ``pipeline``
@@ -148,11 +149,14 @@ def compile_pipeline(preset):
 
             phases = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
 
+            from xcompile import schedules
+
             @tvm.transform.module_pass(opt_level=0, name="xcompile.Compile")
             def _pipeline(mod, _ctx):
                 with target:
                     return tvm.transform.Sequential(
-                        phases.library_dispatch_passes(target)
+                        [schedules.insert_panel_prefetch()]
+                        + phases.library_dispatch_passes(target)
                         + phases.dataflow_lower_passes(target)
                         + phases.finalize_passes(target))(mod)
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from xcompile import schedules
 from xcompile.errors import XCompileError
 
 from .workers import WorkerPool
@@ -88,6 +89,8 @@ def build_job(mod_json: str, target_json: str, path: str, cross_cc: str | None) 
     # Weights a schedule packs are packed once at build time in a real build: the
     # kernel is timed reading the packed layout, without the packing.
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    # What the build's pipeline adds to our schedules (the prefetches they mark).
+    mod = schedules.insert_panel_prefetch()(mod)
     lib = tvm.compile(mod, target=target)
     kwargs = {}
     if cross_cc:
