@@ -4,8 +4,8 @@
 the graph layout they are written for, ``baseline_rules_for(family)`` TVM's own rules (the
 plain path); ``apply_rules`` is the pass that applies them; ``kernel_rules`` reports which
 rule scheduled each kernel, ``kernel_work`` its kind and FLOPs (``annotate_work``
-records them before scheduling); ``insert_panel_prefetch`` is the pass that finishes
-scheduled kernels (the prefetches their schedules mark), wherever they are compiled. The families register themselves with the registry when
+records them before scheduling); ``finish_kernels`` is the pass that finishes
+scheduled kernels (what their schedules mark), wherever they are compiled. The families register themselves with the registry when
 their modules are imported, below: a new family is a new module and a line here.
 """
 
@@ -15,13 +15,13 @@ from .registry import (UNSCHEDULED, annotate_work, apply_rules, baseline_rules_f
                        rule_name, rules_by_name, rules_for, separable_rule, tag_scheduled,
                        with_work_of, without_work)
 from .intrinsics import register_tensor_intrinsics
-from .prefetch import insert_panel_prefetch
+from .finish import finish_kernels
 from .rule import LAYOUT_REWRITE
 
 from . import cpu, cuda  # noqa: E402,F401  (the families: importing one registers its rules)
 
 __all__ = ["LAYOUT_REWRITE", "UNSCHEDULED", "annotate_work", "apply_rules",
-           "baseline_rules_for", "fuses_separable", "insert_panel_prefetch", "kernel_rules", "kernel_work",
+           "baseline_rules_for", "finish_kernels", "fuses_separable", "kernel_rules", "kernel_work",
            "layout_for", "register", "register_baseline", "register_layout",
            "register_separable_fusion", "register_tensor_intrinsics", "rule_name",
            "rules_by_name", "rules_for", "separable_rule", "tag_scheduled", "with_work_of",

@@ -64,6 +64,9 @@ class Conv2DNHWC:
     # Operations per output element in ``epilogues`` as written (TVM's count: a bias and
     # ReLU 1-2, a SiLU's polynomial sigmoid ~120, its shared subexpressions counted anew).
     epilogue_ops: float = 0.0
+    # A 1x1 stride-1 conv without padding (``pixel_for_pixel``): its GEMM rows are the
+    # input's pixels, in order, and a GEMM can read them where they lie.
+    rows_in_place: bool = False
 
     @property
     def depthwise(self) -> bool:
@@ -151,6 +154,7 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     if conv is None:
         return None
     conv.pad_block = _pad_producer(sch, conv.block)
+    conv.rows_in_place = pixel_for_pixel(sch, conv) and not _pads(sch, conv.pad_block)
     is_pad = (lambda b: conv.pad_block is not None
               and sch.get(b).same_as(sch.get(conv.pad_block)))
     after = [b for b in split[1] if not is_pad(b)]
@@ -163,6 +167,16 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     conv.epilogue_ops = sum(float(s_tir.analysis.estimate_tir_flops(sch.get(b)))
                             for b in conv.epilogues)
     return conv
+
+
+def _pads(sch, pad_block) -> bool:
+    """Whether ``pad_block`` (a padding producer, or None) adds any padding (TOPI's convs
+    copy their input through one even when every pad is 0)."""
+    if pad_block is None:
+        return False
+    block = sch.get(pad_block)
+    shape = [int(s) for s in block.writes[0].source.shape]
+    return any(shape != [int(s) for s in r.source.shape] for r in block.reads)
 
 
 def pixel_for_pixel(sch, conv: Conv2DNHWC) -> bool:

@@ -63,7 +63,7 @@ def run_kernel(func, arrays, target=None):
     from xcompile import schedules
 
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(schedules.insert_panel_prefetch()(mod),
+    lib = tvm.compile(schedules.finish_kernels()(mod),
                       target=target or HOST.tvm_target())
     tensors = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*tensors)

@@ -184,7 +184,7 @@ def _asm(func, preset_name, rule=None):
 
     sch = (rule or PackedConvGEMM()).apply(func, preset.tvm_target())
     mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
-    lib = tvm.compile(schedules.insert_panel_prefetch()(mod), target=preset.tvm_target())
+    lib = tvm.compile(schedules.finish_kernels()(mod), target=preset.tvm_target())
 
     def find(m):
         if m.kind == "llvm":
@@ -265,13 +265,13 @@ def test_tiles_prefetch_the_next_weight_panel():
     func = conv_kernel(728, 728, size=19)
     sch = s_tir.Schedule(func)
     PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), configs[0], 16)
-    mod = schedules.insert_panel_prefetch()(tvm.IRModule({"main": sch.mod["main"]}))
+    mod = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
     text = mod["main"].script()
     assert re.search(r"for prefetch_line in range\(T\.int64\(16\)\)", text)
     assert "T.prefetch(" in text and text.count("T.prefetch(") == 1
     # Unmarked kernels pass through unchanged.
     plain = tvm.IRModule({"main": func})
-    assert schedules.insert_panel_prefetch()(plain)["main"].same_as(func)
+    assert schedules.finish_kernels()(plain)["main"].same_as(func)
 
 
 def test_prefetching_tiles_compute_the_same_and_prefetch():
@@ -291,6 +291,49 @@ def test_prefetching_tiles_compute_the_same_and_prefetch():
     PackedConvGEMM._schedule(sch, conv, config, cpu_info(HOST.tvm_target()).lanes)
     assert_computes_the_same(func, sch.mod["main"])
     assert "prefetcht1" in _asm(func, "x86-avx2")
+
+
+def test_pointwise_tiles_read_the_input_rows_in_place():
+    """A 1x1 stride-1 conv's tiles read the input rows where they lie (no packed copy);
+    its pixel rows, padded to whole tiles, read the last row instead of a guarded load
+    (the pass that finishes kernels), and it gives the unscheduled result. Strided and
+    KxK convs keep the packed panel; the tuner also times the packed one."""
+    from dataclasses import replace
+
+    import tvm
+    from tvm import s_tir
+
+    from xcompile import schedules
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = HOST.tvm_target()
+
+    def default(func):
+        conv = match_conv2d_nhwc(s_tir.Schedule(func))
+        return conv, PackedConvGEMM().configs(conv, target)
+
+    assert not default(conv_kernel(64, 48, size=13, stride=2))[1][0].direct
+    assert not default(conv_kernel(16, 48, size=13, k=3))[1][0].direct
+    func = conv_kernel(64, 48, size=13)  # 169 rows: padded to whole tiles
+    conv, configs = default(func)
+    assert conv.rows_in_place and configs[0].direct
+    assert any(not c.direct for c in configs)
+    sch = s_tir.Schedule(func)
+    PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), configs[0], cpu_info(target).lanes)
+    assert_computes_the_same(func, sch.mod["main"])
+    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
+    text = finished["main"].script()
+    assert "T.if_then_else" not in text and "T.min(v0, T.int64(168))" in text
+    # One pixel row (a squeeze-excite FC as a 1x1 conv): TVM gives the padded rows the
+    # real row's accumulator, so their reads keep the guard, even when forced in place.
+    func = conv_kernel(32, 8, size=1)
+    conv, configs = default(func)
+    assert not configs[0].direct
+    sch = s_tir.Schedule(func)
+    PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), replace(configs[0], direct=True),
+                             cpu_info(target).lanes)
+    assert_computes_the_same(func, sch.mod["main"])
 
 
 @pytest.mark.parametrize("streams", [1, 8])

@@ -130,7 +130,7 @@ COMPILE_PIPELINE = "xcompile"
 def compile_pipeline(preset):
     """The Relax pipeline ``tvm.compile`` runs on an optimized module for ``preset``,
     registered with ``relax.register_pipeline`` as ``"xcompile"``: the pass that
-    finishes our scheduled kernels (``schedules.insert_panel_prefetch``), then the phases
+    finishes our scheduled kernels (``schedules.finish_kernels``), then the phases
     of TVM's own pipeline for the preset's backend (library dispatch; dataflow lowering;
     finalization: memory planning, CUDA graph capture, VM lowering), without its
     legalization phase, which on GPUs applies DLight's default schedules: our kernels
@@ -155,7 +155,7 @@ def compile_pipeline(preset):
             def _pipeline(mod, _ctx):
                 with target:
                     return tvm.transform.Sequential(
-                        [schedules.insert_panel_prefetch()]
+                        [schedules.finish_kernels()]
                         + phases.library_dispatch_passes(target)
                         + phases.dataflow_lower_passes(target)
                         + phases.finalize_passes(target))(mod)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..prefetch import PREFETCH_PANEL, PREFETCH_TILES
+from ..padded_rows import READ_LAST_ROW
+from ..prefetch import PREFETCH
 from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
                         inline_padding, match_conv)
@@ -181,15 +182,20 @@ class GEMMTile:
     # The reduction of each tile in this many parts, each prefetching a share of the next
     # weight panel (``prefetch_parts``); 0: no prefetch. (Logs written before read as 0.)
     prefetch: int = 0
+    # The tiles read the input rows where they lie, not a packed copy (1x1 stride-1 convs
+    # without padding, ``Conv2DNHWC.rows_in_place``; see ``schedules.padded_rows``).
+    direct: bool = False
 
 
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
-                 cores: int, depth: int = 1, window: int = 1) -> list[GEMMTile]:
+                 cores: int, depth: int = 1, window: int = 1,
+                 direct: bool = False) -> list[GEMMTile]:
     """The default tiling (``register_tile``, ``chunk_tiles``, ``depth_streams`` of the
-    ``depth`` input channels, ``prefetch_parts`` where the ``window`` is 1x1) first, then
-    the neighbourhood the tuner measures: the other parallel split, the other stream
-    counts, prefetch or none, and the other register tiles that fit (fewer rows, other
-    widths) with a few chunk sizes each."""
+    ``depth`` input channels, ``prefetch_parts`` where the ``window`` is 1x1, the input
+    read in place where ``direct`` allows it) first, then the neighbourhood the tuner
+    measures: the other parallel split, the other stream counts, prefetch or none, a
+    packed input or none, and the other register tiles that fit (fewer rows, other widths)
+    with a few chunk sizes each."""
     mr, nu = register_tile(channels, lanes, registers, rows)
     streams = depth_streams(depth)
 
@@ -199,14 +205,20 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         return prefetch_parts(depth // streams) if window == 1 else 0
 
     groups = column_groups(rows, channels, cores)
-    by_rows = GEMMTile(mr, nu, chunk_tiles(rows, mr, cores), 1, streams, parts(streams))
-    by_columns = GEMMTile(mr, nu, chunk_tiles(rows, mr, 1), cores, streams, parts(streams))
+    # In place only where the rows fill a tile: the padded rows read guarded where they
+    # share an accumulator with a real row (``schedules.padded_rows``).
+    direct = direct and rows >= mr
+    by_rows = GEMMTile(mr, nu, chunk_tiles(rows, mr, cores), 1, streams, parts(streams),
+                       direct)
+    by_columns = replace(by_rows, mb=chunk_tiles(rows, mr, 1), groups=cores)
     out = [by_columns, by_rows] if groups > 1 else [by_rows]
     if cores > 1 and groups == 1:
         out.append(by_columns)  # the alternative, for the tuner
     first = out[0]
     if first.prefetch:
         out.append(replace(first, prefetch=0))
+    if direct:
+        out.append(replace(first, direct=False))
     for other in (1, 2, 4, 8):
         if other != streams and depth % other == 0:
             out.append(replace(first, streams=other, prefetch=parts(other)))
@@ -217,7 +229,7 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                 continue
             for mb in sorted({chunk_tiles(rows, mr, cores), 2, 4, 8, 16}):
                 if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
-                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams))
+                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams), direct)
                     if config not in out:
                         out.append(config)
     return out
@@ -264,7 +276,8 @@ class PackedConvGEMM(ConfigRule):
         info = cpu_info(target)
         n, h, w, f = conv.out_shape
         return gemm_configs(n * h * w, f, info.lanes, info.registers, info.cores,
-                            conv.in_channels, conv.kernel[0] * conv.kernel[1])
+                            conv.in_channels, conv.kernel[0] * conv.kernel[1],
+                            conv.rows_in_place)
 
     def searchable(self, conv, config: GEMMTile, target) -> bool:
         # MetaSchedule times kernels on pre-packed weights and requires the packing block
@@ -313,7 +326,6 @@ class PackedConvGEMM(ConfigRule):
         mo, mt, mi = sch.split(m, [None, mb, mr])
         # Stream s of the reduction covers input channels [s*C/S, (s+1)*C/S); each step
         # advances all of them (``depth_streams``).
-        depth = [ry, rx, rc]
         rs = part = None
         if config.streams > 1:
             rs, rc = sch.split(rc, [config.streams, None])
@@ -333,11 +345,18 @@ class PackedConvGEMM(ConfigRule):
         if rs is not None:
             sch.unroll(rs)
         if part is not None:
-            sch.annotate(mt, PREFETCH_TILES, 1)
-            sch.annotate(part, PREFETCH_PANEL, 1)
+            sch.annotate(mt, PREFETCH, 1)
+            sch.annotate(part, PREFETCH, 1)
         sch.reverse_compute_at(wb, mt)
-        sch.compute_at(panel, mo)
-        pack_panel(sch, panel, mr, conv.in_channels, lanes)
+        if config.direct and conv.rows_in_place:
+            # The input rows where they lie: the padded rows' guarded reads become reads of
+            # the last row (``schedules.padded_rows``; their results are dropped).
+            sch.compute_inline(panel)
+            n, h, w, _ = conv.out_shape
+            sch.annotate(block, READ_LAST_ROW, n * h * w)
+        else:
+            sch.compute_at(panel, mo)
+            pack_panel(sch, panel, mr, conv.in_channels, lanes)
         sch.unroll(mi)
         sch.unroll(cu)
         sch.vectorize(cv)

@@ -90,7 +90,7 @@ def build_job(mod_json: str, target_json: str, path: str, cross_cc: str | None) 
     # kernel is timed reading the packed layout, without the packing.
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     # What the build's pipeline adds to our schedules (the prefetches they mark).
-    mod = schedules.insert_panel_prefetch()(mod)
+    mod = schedules.finish_kernels()(mod)
     lib = tvm.compile(mod, target=target)
     kwargs = {}
     if cross_cc:

@@ -1,0 +1,17 @@
+"""The passes that finish our scheduled kernels, wherever they are compiled (a build's
+compile pipeline, the tuner's builder): what a schedule marks and TVM's schedule
+primitives cannot express."""
+
+from __future__ import annotations
+
+from .padded_rows import clamp_padded_rows
+from .prefetch import insert_panel_prefetch
+
+
+def finish_kernels():
+    """One pass: clamped reads for padded rows (``padded_rows``), then the weight-panel
+    prefetches (``prefetch``); both leave unmarked kernels as they are."""
+    import tvm
+
+    return tvm.transform.Sequential([clamp_padded_rows(), insert_panel_prefetch()],
+                                    name="xcompile.FinishKernels")

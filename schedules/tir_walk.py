@@ -1,0 +1,78 @@
+"""Walking and rebuilding scheduled TIR from Python (TVM 0.27 has no Python IR mutator).
+
+Only the statements a scheduled kernel nests its loops and blocks in are descended into
+(loops, sequences, block realizations, conditions, attributes); anything else is a leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def map_stmt(stmt, fn: Callable):
+    """``stmt`` rebuilt bottom-up: each node's children first, then ``fn(node)`` with the
+    rebuilt node, which returns a replacement or None (keep it). Unchanged subtrees stay
+    the same objects."""
+    from tvm import s_tir, tirx
+
+    new = stmt
+    if isinstance(stmt, tirx.For):
+        body = map_stmt(stmt.body, fn)
+        if not body.same_as(stmt.body):
+            new = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body,
+                           stmt.thread_binding, stmt.annotations, stmt.step)
+    elif isinstance(stmt, tirx.SeqStmt):
+        seq = [map_stmt(s, fn) for s in stmt.seq]
+        if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
+            new = tirx.SeqStmt(seq)
+    elif isinstance(stmt, s_tir.SBlockRealize):
+        block = stmt.block
+        body = map_stmt(block.body, fn)
+        if not body.same_as(block.body):
+            new = s_tir.SBlockRealize(stmt.iter_values, stmt.predicate,
+                                      with_block_body(block, body))
+    elif isinstance(stmt, tirx.IfThenElse):
+        then = map_stmt(stmt.then_case, fn)
+        other = map_stmt(stmt.else_case, fn) if stmt.else_case is not None else None
+        if not then.same_as(stmt.then_case) or (other is not None
+                                                and not other.same_as(stmt.else_case)):
+            new = tirx.IfThenElse(stmt.condition, then, other)
+    elif isinstance(stmt, tirx.AttrStmt):
+        body = map_stmt(stmt.body, fn)
+        if not body.same_as(stmt.body):
+            new = tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+    out = fn(new)
+    return new if out is None else out
+
+
+def with_block_body(block, body):
+    """``block`` (an SBlock) with another body."""
+    from tvm import s_tir
+
+    return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
+                        block.init, block.alloc_buffers, block.match_buffers,
+                        block.annotations)
+
+
+def nodes(stmt) -> list:
+    """The loops and block realizations in ``stmt``, each before the nodes inside it."""
+    found = []
+
+    def visit(node):
+        from tvm import s_tir, tirx
+
+        if isinstance(node, (tirx.For, s_tir.SBlockRealize)):
+            found.append(node)
+
+    map_stmt(stmt, visit)
+    return found[::-1]  # bottom-up visits: innermost first
+
+
+def substitute(expr, variables: list, values: list):
+    """``expr`` with ``variables`` replaced by ``values``, simplified (by way of an
+    ``IndexMap``, which substitutes and simplifies)."""
+    from tvm import tirx
+
+    if not variables:
+        return expr
+    return tirx.IndexMap(list(variables), [expr], None).map_indices(list(values))[0]
