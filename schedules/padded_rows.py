@@ -13,7 +13,7 @@ against the packed panel (weights rotated out of cache), 1.040 -> 1.001 warm.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, substitute, with_block_body
+from .tir_walk import map_stmt, substitute, without_key
 
 READ_LAST_ROW = "xcompile.padded_rows_read_last"
 
@@ -44,12 +44,16 @@ def _clamped(node):
     if value.same_as(store.value):
         return None
     body = tirx.BufferStore(store.buffer, value, store.indices)
-    return s_tir.SBlockRealize(node.iter_values, node.predicate,
-                               with_block_body(node.block, body))
+    block = node.block
+    # The mark goes with the rewrite: a second run of the pass changes nothing.
+    block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
+                         block.init, block.alloc_buffers, block.match_buffers,
+                         without_key(block.annotations, READ_LAST_ROW))
+    return s_tir.SBlockRealize(node.iter_values, node.predicate, block)
 
 
 _BINARY = ("Add", "Sub", "Mul", "Div", "Min", "Max")
-IF_THEN_ELSE = "prim.if_then_else"
+_IF_THEN_ELSE = "prim.if_then_else"
 
 
 def _unguarded(expr, rows: int, written: list):
@@ -61,7 +65,7 @@ def _unguarded(expr, rows: int, written: list):
     import tvm
     from tvm import tirx
 
-    if isinstance(expr, tvm.ir.Call) and expr.op.same_as(tvm.ir.Op.get(IF_THEN_ELSE)):
+    if isinstance(expr, tvm.ir.Call) and expr.op.same_as(tvm.ir.Op.get(_IF_THEN_ELSE)):
         cond, then, _ = expr.args
         if (isinstance(cond, tirx.LT) and isinstance(cond.a, tirx.Var)
                 and isinstance(cond.b, tirx.IntImm) and int(cond.b.value) == rows
@@ -72,6 +76,9 @@ def _unguarded(expr, rows: int, written: list):
             return tirx.BufferLoad(then.source,
                                    [substitute(i, [cond.a], [last]) for i in then.indices])
         return expr
+    if isinstance(expr, tirx.Cast):  # (a narrower input read into wider accumulators)
+        value = _unguarded(expr.value, rows, written)
+        return expr if value.same_as(expr.value) else tirx.Cast(str(expr.ty.dtype), value)
     for name in _BINARY:
         cls = getattr(tirx, name)
         if isinstance(expr, cls):

@@ -6,14 +6,18 @@ memory, not in L2, and reads them at the rate the FMAs consume them (about 30 GB
 core), faster than one core streams from L3 (~25 GB/s here, less with both cores at it):
 that tile runs several times slower than the others. The schedule marks two nested loops
 of the panel's work with ``PREFETCH`` (the loop over a chunk's tiles and an outer part of
-each tile's reduction, which it splits for this, in either order); this pass then puts a
-loop of prefetches into L2 at the top of the inner marked loop's body, ``ceil(panel
-lines / (outer x inner extent))`` lines of the next panel each, so that the iterations
-of the two loops together fetch the next panel once while they use the current one.
+each tile's reduction, which it splits for this, in either order), the mark's value the
+number of panels one group of output channels runs through; this pass then puts a loop
+of prefetches into L2 at the top of the inner marked loop's body, ``ceil(panel lines /
+(outer x inner extent))`` lines of the next panel each, so that the iterations of the
+two loops together fetch the next panel once while they use the current one, and
+removes the marks.
 
-The weights are the GEMM update block's last read (the packed ``[panel, ..., NR]``
-buffer); the current panel is that read's first index with the loops inside the marked
-ones at their start, and the last panel prefetches itself (a no-op). The prefetch sits
+The contract with the schedule: the weights are the GEMM update block's last read (the
+packed ``[panel, ..., NR]`` buffer, ``cpu.conv_gemm``'s ``cache_read`` of the weights);
+the current panel is that read's first index with the loops inside the marked ones at
+their start; the next one is the group's next, its last wrapping to its first (what the
+core's next chunk starts with). The prefetch sits
 outside the innermost reduction loop on purpose: inside it, LLVM no longer keeps the
 accumulators in registers across the loop (``llvm.prefetch`` may write memory, as far as
 LICM knows); there the kernel ran 1.5x as long.
@@ -21,7 +25,7 @@ LICM knows); there the kernel ran 1.5x as long.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, nodes, substitute
+from .tir_walk import map_stmt, nodes, substitute, without_key
 
 PREFETCH = "xcompile.prefetch_next_panel"
 LINE_BYTES = 64
@@ -59,10 +63,14 @@ def _outer_loop(node):
         return None
 
     def with_prefetch(n):
+        # The marks go with the rewrite: a second run of the pass changes nothing.
         if n.same_as(inner):
             return tirx.For(n.loop_var, n.min, n.extent, n.kind,
-                            tirx.SeqStmt([_prefetch(node, n), n.body]),
-                            n.thread_binding, n.annotations, n.step)
+                            tirx.SeqStmt([_prefetch(node, n), n.body]), n.thread_binding,
+                            without_key(n.annotations, PREFETCH), n.step)
+        if _marked(n) and n.loop_var.same_as(node.loop_var):
+            return tirx.For(n.loop_var, n.min, n.extent, n.kind, n.body, n.thread_binding,
+                            without_key(n.annotations, PREFETCH), n.step)
         return None
 
     return map_stmt(node, with_prefetch)
@@ -106,7 +114,14 @@ def _prefetch(outer, inner):
     for extent in reversed(shape[1:]):
         indices.append(tirx.floormod(rest, const(extent)))
         rest = tirx.floordiv(rest, const(extent))
-    nxt = tirx.min(panel + const(1), const(shape[0] - 1))
+    # The next panel of the same group of panels (the mark's value: the panels a group
+    # of output channels runs through), wrapping to the group's first: what the next
+    # chunk of this core starts with.
+    group = int(inner.annotations[PREFETCH])
+    # (A select: the same arithmetic as nested floormods made TVM 0.27's lowering fold a
+    # division by zero.)
+    nxt = tirx.Select(tirx.floormod(panel, const(group)) == const(group - 1),
+                      panel - const(group - 1), panel + const(1))
     address = tirx.address_of(tirx.BufferLoad(buf, [nxt, *reversed(indices)]))
     call = tirx.call_intrin("void", "tirx.prefetch", address, 0, LOCALITY_L2, 1)
     return tirx.For(line_var, const(0), const(count), tirx.ForKind.SERIAL,

@@ -2,6 +2,9 @@
 
 Only the statements a scheduled kernel nests its loops and blocks in are descended into
 (loops, sequences, block realizations, conditions, attributes); anything else is a leaf.
+In TVM 0.27 that loses nothing a rule marks: bindings, buffer declarations and
+allocations have no body (they sit in a sequence), and a block's ``init`` and ``while``
+loops hold no marked loop or block.
 """
 
 from __future__ import annotations
@@ -55,17 +58,34 @@ def with_block_body(block, body):
 
 
 def nodes(stmt) -> list:
-    """The loops and block realizations in ``stmt``, each before the nodes inside it."""
+    """The loops and block realizations in ``stmt`` in program order, each before the
+    nodes inside it."""
+    from tvm import s_tir, tirx
+
     found = []
 
     def visit(node):
-        from tvm import s_tir, tirx
-
         if isinstance(node, (tirx.For, s_tir.SBlockRealize)):
             found.append(node)
+        if isinstance(node, tirx.For) or isinstance(node, tirx.AttrStmt):
+            visit(node.body)
+        elif isinstance(node, tirx.SeqStmt):
+            for s in node.seq:
+                visit(s)
+        elif isinstance(node, s_tir.SBlockRealize):
+            visit(node.block.body)
+        elif isinstance(node, tirx.IfThenElse):
+            visit(node.then_case)
+            if node.else_case is not None:
+                visit(node.else_case)
 
-    map_stmt(stmt, visit)
-    return found[::-1]  # bottom-up visits: innermost first
+    visit(stmt)
+    return found
+
+
+def without_key(annotations, key: str) -> dict:
+    """``annotations`` (a loop's or a block's) without ``key``."""
+    return {k: v for k, v in annotations.items() if k != key}
 
 
 def substitute(expr, variables: list, values: list):

@@ -6,7 +6,8 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 
 - the pixel domain is padded to whole chunks (``pad_einsum``), so the hot loop carries no
   bounds checks, and each chunk's input rows are packed (im2col for KxK) into a
-  ``[tile, K, MR]`` panel while they are hot in cache;
+  ``[tile, K / v, MR, v]`` panel while they are hot in cache (``pack_panel``), except
+  where a 1x1 stride-1 conv's tiles read the rows in place (``GEMMTile.direct``);
 - weights are packed at build time into ``[F/NR, KH, KW, C, NR]`` panels (a layout-rewrite
   block that the pipeline lifts into the weight transform), so each panel is contiguous;
 - MR x NR accumulators stay in vector registers across the whole reduction; bias,
@@ -110,9 +111,8 @@ def depth_streams(depth: int) -> int:
     the latency of the hardware prefetcher restarting at every 4 KiB page of the panel.
     Several streams keep several misses in flight: with 14-row tiles, the whole model ran
     0.963x (2 streams), 0.919-0.930x (4) and 0.920x (8) of its time with 12-row tiles
-    and one stream (14 rows alone: 0.975-0.982x), interleaved in one process. (Software
-    prefetch of the next panel was tried: LLVM then keeps the accumulators' stores in
-    the loop, as the prefetch may write memory.)
+    and one stream (14 rows alone: 0.975-0.982x), interleaved in one process. (The
+    software prefetch of the next panel, ``prefetch_parts``, came later and adds to it.)
     """
     for streams in (STREAMS, 2):
         if depth % streams == 0 and depth // streams >= MIN_STREAM_DEPTH:
@@ -344,9 +344,9 @@ class PackedConvGEMM(ConfigRule):
             sch.reorder(mo, co, mt, *depth, mi, cu, cv)
         if rs is not None:
             sch.unroll(rs)
-        if part is not None:
-            sch.annotate(mt, PREFETCH, 1)
-            sch.annotate(part, PREFETCH, 1)
+        if part is not None:  # (the value: the weight panels a channel group runs through)
+            sch.annotate(mt, PREFETCH, per_group // nr)
+            sch.annotate(part, PREFETCH, per_group // nr)
         sch.reverse_compute_at(wb, mt)
         if config.direct and conv.rows_in_place:
             # The input rows where they lie: the padded rows' guarded reads become reads of

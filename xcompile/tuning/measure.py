@@ -89,7 +89,8 @@ def build_job(mod_json: str, target_json: str, path: str, cross_cc: str | None) 
     # Weights a schedule packs are packed once at build time in a real build: the
     # kernel is timed reading the packed layout, without the packing.
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    # What the build's pipeline adds to our schedules (the prefetches they mark).
+    # What the build's pipeline adds to our schedules (the prefetches and clamped
+    # padded-row reads they mark), so that a candidate is timed as a build compiles it.
     mod = schedules.finish_kernels()(mod)
     lib = tvm.compile(mod, target=target)
     kwargs = {}
