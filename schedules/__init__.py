@@ -5,8 +5,9 @@ the graph layout they are written for, ``baseline_rules_for(family)`` TVM's own 
 plain path); ``apply_rules`` is the pass that applies them; ``kernel_rules`` reports which
 rule scheduled each kernel, ``kernel_work`` its kind and FLOPs (``annotate_work``
 records them before scheduling); ``finish_kernels`` is the pass that finishes
-scheduled kernels (what their schedules mark), wherever they are compiled. The families register themselves with the registry when
-their modules are imported, below: a new family is a new module and a line here.
+scheduled kernels (what their schedules mark), wherever they are compiled. The families
+register themselves with the registry when their modules are imported, below: a new
+family is a new module and a line here.
 """
 
 from .registry import (UNSCHEDULED, annotate_work, apply_rules, baseline_rules_for,

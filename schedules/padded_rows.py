@@ -13,7 +13,7 @@ against the packed panel (weights rotated out of cache), 1.040 -> 1.001 warm.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, substitute, without_key
+from .tir_walk import map_stmt, substitute, with_block_body, without_key
 
 READ_LAST_ROW = "xcompile.padded_rows_read_last"
 
@@ -44,11 +44,8 @@ def _clamped(node):
     if value.same_as(store.value):
         return None
     body = tirx.BufferStore(store.buffer, value, store.indices)
-    block = node.block
     # The mark goes with the rewrite: a second run of the pass changes nothing.
-    block = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
-                         block.init, block.alloc_buffers, block.match_buffers,
-                         without_key(block.annotations, READ_LAST_ROW))
+    block = with_block_body(node.block, body, without_key(node.block.annotations, READ_LAST_ROW))
     return s_tir.SBlockRealize(node.iter_values, node.predicate, block)
 
 

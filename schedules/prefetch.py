@@ -25,7 +25,7 @@ LICM knows); there the kernel ran 1.5x as long.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, nodes, substitute, without_key
+from .tir_walk import map_stmt, nodes, substitute, with_loop_body, without_key
 
 PREFETCH = "xcompile.prefetch_next_panel"
 LINE_BYTES = 64
@@ -65,12 +65,10 @@ def _outer_loop(node):
     def with_prefetch(n):
         # The marks go with the rewrite: a second run of the pass changes nothing.
         if n.same_as(inner):
-            return tirx.For(n.loop_var, n.min, n.extent, n.kind,
-                            tirx.SeqStmt([_prefetch(node, n), n.body]), n.thread_binding,
-                            without_key(n.annotations, PREFETCH), n.step)
+            return with_loop_body(n, tirx.SeqStmt([_prefetch(node, n), n.body]),
+                                  without_key(n.annotations, PREFETCH))
         if _marked(n) and n.loop_var.same_as(node.loop_var):
-            return tirx.For(n.loop_var, n.min, n.extent, n.kind, n.body, n.thread_binding,
-                            without_key(n.annotations, PREFETCH), n.step)
+            return with_loop_body(n, n.body, without_key(n.annotations, PREFETCH))
         return None
 
     return map_stmt(node, with_prefetch)

@@ -22,8 +22,7 @@ def map_stmt(stmt, fn: Callable):
     if isinstance(stmt, tirx.For):
         body = map_stmt(stmt.body, fn)
         if not body.same_as(stmt.body):
-            new = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body,
-                           stmt.thread_binding, stmt.annotations, stmt.step)
+            new = with_loop_body(stmt, body)
     elif isinstance(stmt, tirx.SeqStmt):
         seq = [map_stmt(s, fn) for s in stmt.seq]
         if not all(a.same_as(b) for a, b in zip(seq, stmt.seq)):
@@ -48,13 +47,22 @@ def map_stmt(stmt, fn: Callable):
     return new if out is None else out
 
 
-def with_block_body(block, body):
-    """``block`` (an SBlock) with another body."""
+def with_block_body(block, body, annotations=None):
+    """``block`` (an SBlock) with another body (and, when given, other annotations)."""
     from tvm import s_tir
 
     return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
                         block.init, block.alloc_buffers, block.match_buffers,
-                        block.annotations)
+                        block.annotations if annotations is None else annotations)
+
+
+def with_loop_body(loop, body, annotations=None):
+    """``loop`` (a For) with another body (and, when given, other annotations)."""
+    from tvm import tirx
+
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body,
+                    loop.thread_binding,
+                    loop.annotations if annotations is None else annotations, loop.step)
 
 
 def nodes(stmt) -> list:
