@@ -303,6 +303,41 @@ def match_matmul(sch) -> Matmul | None:
     return Matmul(rv, shape[0], shape[1], int(block.iter_vars[2].dom.extent), split[1])
 
 
+@dataclass
+class Reduction:
+    """The one reduction block of a function that reads a single tensor (a pooling
+    window, a mean over axes), with the elementwise blocks before it (its padding) and
+    after it over its output's shape (a residual add, a division)."""
+
+    block: object  # SBlockRV
+    producers: list
+    epilogues: list
+
+
+def match_reduction(sch) -> Reduction | None:
+    """``sch``'s function as a ``Reduction``, or None: one reduction block, reading one
+    tensor, whose output's last (contiguous) axis is its innermost data-parallel iter;
+    every block before it elementwise, every block after it over its output's shape."""
+    split = _split_blocks(sch)
+    if split is None or len(split[0]) != 1:
+        return None
+    rv = split[0][0]
+    block = sch.get(rv)
+    kinds = iter_kinds(block)
+    if len(block.reads) != 1 or len(block.writes) != 1 or "S" not in kinds:
+        return None
+    if not is_var(block.writes[0].region[-1].min, block.iter_vars[kinds.rindex("S")].var):
+        return None
+    order = [b for b in root_blocks(sch)]
+    at = next(i for i, b in enumerate(order) if sch.get(b).same_as(block))
+    before, after = order[:at], order[at + 1:]
+    shape = tuple(int(x) for x in block.writes[0].source.shape)
+    if any("R" in iter_kinds(sch.get(b)) for b in before + after) \
+            or not _same_shape(sch, after, shape):
+        return None
+    return Reduction(rv, before, after)
+
+
 def classify(func) -> str:
     """What ``func`` (a lowered kernel) computes: ``SEPARABLE`` (a fused depthwise ->
     pointwise pair), the kind of its one convolution (``DEPTHWISE``, ``GROUPED``,
@@ -315,6 +350,42 @@ def classify(func) -> str:
         return SEPARABLE
     conv = match_conv2d_nhwc(s_tir.Schedule(func))
     return conv.kind if conv is not None else OTHER
+
+
+def elementwise_map_ops(func) -> float | None:
+    """Operations per element (TVM's count) when ``func`` maps its one input to its one
+    output element by element, ``out[i, j, ...] = f(in[i, j, ...])``, in a chain of
+    blocks each reading the one before at the same element, and scalars (an activation:
+    a ReLU is one or two operations, a clip by scalar arguments two blocks of one),
+    else None."""
+    from tvm import s_tir
+
+    if len(func.params) < 2:
+        return None
+    inp, *scalars, out = func.params
+    if any(len(p.shape) for p in scalars):
+        return None
+    shape = [int(s) for s in inp.shape]
+    sch = s_tir.Schedule(func)
+    source, ops = inp, 0.0
+    for rv in root_blocks(sch):
+        block = sch.get(rv)
+        iters = [iv.var for iv in block.iter_vars]
+
+        def elementwise(region) -> bool:
+            return len(region) == len(iters) and all(
+                is_var(r.min, v) and int(r.extent) == 1 for r, v in zip(region, iters))
+
+        reads = [r for r in block.reads if not any(r.source.same_as(p) for p in scalars)]
+        if ("R" in iter_kinds(block) or len(reads) != 1 or len(block.writes) != 1
+                or not reads[0].source.same_as(source)
+                or not elementwise(reads[0].region)
+                or not elementwise(block.writes[0].region)
+                or [int(s) for s in block.writes[0].source.shape] != shape):
+            return None
+        source = block.writes[0].source
+        ops += float(s_tir.analysis.estimate_tir_flops(block))
+    return ops if source.same_as(out) else None
 
 
 def work_flops(func) -> float:

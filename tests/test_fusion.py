@@ -7,8 +7,9 @@ import numpy as np
 from kernels import lowered_kernels
 from torch import nn
 
-from conftest import max_rel_err, ort_run, run_cli
+from conftest import export_torch, max_rel_err, ort_run, run_cli
 from xcompile import runtime
+from xcompile.schedules.analysis import DEPTHWISE, classify
 
 RTOL = 1e-4
 
@@ -104,6 +105,55 @@ def test_xception_fused_build_matches_onnxruntime(xception71_onnx, tmp_path):
     m = json.loads((tmp_path / "x" / "manifest.json").read_text())
     rules = [k["rule"] for k in m["kernels"]]
     assert "xcompile.cpu.VectorDepthwise" not in rules  # no depthwise kernel left on its own
-    assert rules.count("xcompile.cpu.SeparableConv") == 11  # Xception's distinct pairs
+    # Xception's distinct pairs: 11 shapes, and the middle flow's first depthwise conv,
+    # which reads its block's ReLU (``activation_fusion``), apart from the other two.
+    assert rules.count("xcompile.cpu.SeparableConv") == 12
     x = np.random.default_rng(2).standard_normal((1, 3, 71, 71), dtype=np.float32)
     assert max_rel_err(runtime.load(tmp_path / "x")(x), ort_run(xception71_onnx, x)) < RTOL
+
+
+class _PreActivated(nn.Module):
+    """Xception's block: the activation of a sum feeds the depthwise conv, the sum itself
+    the residual; ``shared``: the activation is added too (a second reader)."""
+
+    def __init__(self, act, shared=False):
+        super().__init__()
+        self.stem = nn.Conv2d(16, 16, 3, 1, 1)
+        self.act, self.shared = act, shared
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.act(x)
+        out = self.pw(self.dw(y)) + x
+        return out + y if self.shared else out
+
+
+def test_activation_before_a_depthwise_conv_is_computed_in_it():
+    """A ReLU or a clip that only a depthwise conv reads is inlined into its input read
+    (no kernel of its own); an expensive activation (sigmoid: a polynomial per window
+    tap) and one with a second reader stay kernels of their own."""
+    for act in (nn.ReLU(), nn.ReLU6()):
+        kernels = lowered_kernels(_PreActivated(act), (1, 16, 12, 12))
+        assert len(kernels) == 5, sorted(kernels)  # 2 transposes, 3 convs
+        fused = [f for name, f in kernels.items() if "relu" in name or "maximum" in name]
+        assert len(fused) == 1 and classify(fused[0]) == DEPTHWISE, sorted(kernels)
+    for module in (_PreActivated(nn.Sigmoid()), _PreActivated(nn.ReLU(), shared=True)):
+        kernels = lowered_kernels(module, (1, 16, 12, 12))
+        assert len(kernels) == 6, sorted(kernels)
+
+
+def test_activation_fused_build_matches_onnxruntime(tmp_path):
+    """The pre-activated block, built (the ReLU inside the depthwise conv, which reads
+    negative inputs through it), against ONNX Runtime; and with --fuse-separable, where
+    the depthwise conv with its ReLU then fuses into the pointwise conv."""
+    onnx_path = export_torch(_PreActivated(nn.ReLU()), tmp_path / "pre.onnx", (2, 16, 20, 20))
+    x = np.random.default_rng(5).standard_normal((2, 16, 20, 20), dtype=np.float32)
+    ref = ort_run(onnx_path, x)
+    plain = _build(onnx_path, tmp_path / "plain")
+    assert len(plain["kernels"]) == 5
+    assert max_rel_err(runtime.load(tmp_path / "plain")(x), ref) < RTOL
+    fused = _build(onnx_path, tmp_path / "fused", "--fuse-separable")
+    assert [k["rule"] for k in fused["kernels"]].count("xcompile.cpu.SeparableConv") == 1
+    assert max_rel_err(runtime.load(tmp_path / "fused")(x), ref) < RTOL

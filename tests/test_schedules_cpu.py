@@ -138,6 +138,45 @@ def test_generic_rule_on_everything_else(preset):
     assert "T.parallel" in script and "T.vectorized" in script
 
 
+class _Pools(nn.Module):
+    """A max pool with a residual add (Xception's entry flow), an average pool with a
+    ReLU after it, and a mean: over ``channels`` channels (13: no whole vector)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.pre = nn.Conv2d(channels, channels, 1)
+        self.skip = nn.Conv2d(channels, channels, 1, 2, bias=False)
+        self.max = nn.MaxPool2d(3, 2, 1)
+        self.avg = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        x = self.pre(x)
+        y = self.max(x) + self.skip(x)
+        return torch.relu(self.avg(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("channels", [64, 13])
+def test_reduction_rule_on_pools_and_means(channels, preset):
+    """Pools and means get one parallel loop nest, a channel vector's accumulator held
+    over the window and the epilogue (the residual add, the ReLU, the division) in its
+    write-back, and compute what the unscheduled kernels do; convolutions and the
+    matrix product are not theirs."""
+    from xcompile.schedules.cpu import VectorReduction
+
+    target = preset.tvm_target()
+    kernels = lowered_kernels(_Pools(channels), (2, channels, 19, 19))
+    reductions = {n: f for n, f in kernels.items()
+                  if any(k in n for k in ("pool", "mean", "sum"))}
+    assert len(reductions) >= 3, sorted(kernels)
+    for name, func in reductions.items():
+        sch = check_rule(VectorReduction(), func, preset, vectorized=channels % 4 == 0)
+        script = sch.mod["main"].script()
+        assert script.count("T.parallel") == 1, name  # no second pass for the epilogue
+    for name, func in lowered_kernels(_Head(), (1, 64, 38, 38)).items():
+        if "conv2d" in name or "matmul" in name:
+            assert VectorReduction().apply(func, target) is None, name
+
+
 class _Classifier(nn.Module):
     def __init__(self, k, n):
         super().__init__()
@@ -298,7 +337,8 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     """A 1x1 stride-1 conv's tiles read the input rows where they lie (no packed copy);
     its pixel rows, padded to whole tiles, read the last row instead of a guarded load
     (the pass that finishes kernels), and it gives the unscheduled result. Strided and
-    KxK convs keep the packed panel; the tuner also times the packed one."""
+    KxK convs keep the packed panel, and so does an input too large to come from the
+    caches; the tuner also times the packed one."""
     from dataclasses import replace
 
     import tvm
@@ -306,6 +346,7 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
 
     from xcompile import schedules
     from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs
     from xcompile.schedules.cpu.target_info import cpu_info
 
     target = HOST.tvm_target()
@@ -316,6 +357,9 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
 
     assert not default(conv_kernel(64, 48, size=13, stride=2))[1][0].direct
     assert not default(conv_kernel(16, 48, size=13, k=3))[1][0].direct
+    # 128 channels of 147x147 pixels: 11 MB in place, 22 MB (two of them) packed.
+    assert gemm_configs(147 * 147, 128, 16, 32, 2, 128, direct=True)[0].direct
+    assert not gemm_configs(2 * 147 * 147, 128, 16, 32, 2, 128, direct=True)[0].direct
     func = conv_kernel(64, 48, size=13)  # 169 rows: padded to whole tiles
     conv, configs = default(func)
     assert conv.rows_in_place and configs[0].direct

@@ -169,10 +169,12 @@ def compile_pipeline(preset):
 def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
           fuse_separable: bool = False):
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
-    module's PrimFuncs are what the rules schedule and what the tuner tunes.
-    ``fuse_separable``: depthwise -> pointwise kernel pairs become one kernel, for the
+    module's PrimFuncs are what the rules schedule and what the tuner tunes; with our
+    schedules, an activation only a depthwise conv reads is computed in that conv
+    (``activation_fusion``). ``fuse_separable``: depthwise -> pointwise kernel pairs become one kernel, for the
     families whose rules schedule those."""
     from xcompile import schedules
+    from xcompile.activation_fusion import fuse_input_activations
     from xcompile.separable_fusion import fuse_separable as fusion
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
@@ -181,6 +183,8 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes(custom_schedules
                               and preset.device_kind.scalar_transcendentals)(mod)
+        if custom_schedules:
+            mod = fuse_input_activations()(mod)
         if custom_schedules and fuse_separable and schedules.fuses_separable(preset.family):
             rule, target = schedules.separable_rule(preset.family), preset.tvm_target()
             mod = fusion(lambda func: rule.apply(func, target) is not None)(mod)

@@ -6,6 +6,7 @@ from .conv_gemm import PackedConvGEMM
 from .depthwise import VectorDepthwise
 from .generic import Fallback
 from .matmul import VectorMatmul
+from .reduction import VectorReduction
 from .separable import SeparableConv
 
 # Convolutions in NHWC with HWIO weights: channels are contiguous, so every conv
@@ -15,8 +16,9 @@ CPU_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 for _family in ("x86", "arm"):
     register_layout(_family, CPU_LAYOUT)
     register_separable_fusion(_family, SeparableConv)
-    for _rule in (SeparableConv, PackedConvGEMM, VectorDepthwise, VectorMatmul, Fallback):
+    for _rule in (SeparableConv, PackedConvGEMM, VectorDepthwise, VectorMatmul,
+                  VectorReduction, Fallback):
         register(_family, _rule)
 
 __all__ = ["CPU_LAYOUT", "Fallback", "PackedConvGEMM", "SeparableConv", "VectorDepthwise",
-           "VectorMatmul"]
+           "VectorMatmul", "VectorReduction"]

@@ -34,10 +34,13 @@ from .generic import schedule_tail
 from .target_info import channel_vector, cpu_info
 
 # At most this many register tiles per parallel chunk: each chunk streams every weight
-# panel once, so bigger chunks read the weights fewer times (at batch 8, 32 instead of
-# 16 made legacy_xception 0.95x as long on a 2-core Emerald Rapids; batch 1 unchanged),
-# while a chunk's packed input (32 x 14 rows x 728 channels: 1.3 MB) still fits in L2.
-MAX_TILES_PER_CHUNK = 32
+# panel once, so bigger chunks read the weights fewer times, but a chunk's input rows
+# and output rows should stay in L2 while it runs through the weight panels (28 x 14
+# rows of 728 channels in and out: 2.3 MB). Measured on a 2-core Emerald Rapids (Xeon,
+# CPUID model 207), legacy_xception at batch 8, interleaved in one process: 16 made it
+# 0.967x as long as 32 (its 19x19x728 GEMMs 7.28 -> 7.07 ms, the 147x147 ones 7-10%
+# faster); batch 1 unchanged. (Before the weight-panel prefetch, 32 had been the faster.)
+MAX_TILES_PER_CHUNK = 16
 
 
 # The most pixel rows in a register tile: 14 x 2 vectors (28 accumulators) still leaves an
@@ -143,18 +146,29 @@ def prefetch_parts(steps: int) -> int:
 
 
 def chunk_tiles(rows: int, mr: int, threads: int) -> int:
-    """Micro-tiles per parallel chunk: little padding waste, chunks a multiple of the
-    thread count, and as many tiles per chunk as that allows (weight-panel reuse)."""
-    best = None
-    for mb in range(MAX_TILES_PER_CHUNK, 0, -1):
+    """Micro-tiles per parallel chunk, between MIN_TILES_PER_CHUNK (or what gives every
+    thread a chunk, when fewer) and MAX_TILES_PER_CHUNK: little padding waste, chunks a
+    multiple of the thread count, and among the choices within CHUNK_NEAR_TIE of the
+    least waste the most tiles per chunk (each chunk streams all the weights once)."""
+    tiles = -(-rows // mr)
+    lowest = max(1, min(MIN_TILES_PER_CHUNK, -(-tiles // threads)))
+    scored = []
+    for mb in range(MAX_TILES_PER_CHUNK, lowest - 1, -1):
         p = mr * mb
         padded = -(-rows // p) * p
         chunks = padded // p
         balance = (-(-chunks // threads) * threads) / chunks
-        score = padded / rows * balance
-        if best is None or score < best[0] - 1e-9:
-            best = (score, mb)
-    return best[1]
+        scored.append((padded / rows * balance, mb))
+    best = min(score for score, _ in scored)
+    return max(mb for score, mb in scored if score <= best * (1 + CHUNK_NEAR_TIE))
+
+
+# The fewest tiles per chunk where the rows allow it: the 800 rows of Xception's
+# 728 -> 1024 1x1 conv at batch 8 otherwise took 62 chunks of one 13-row tile (the least
+# padding) and ran 1.5x as long as in 2 chunks of 31, streaming its 3 MB of weights 62
+# times. Chunk sizes scoring within CHUNK_NEAR_TIE of the best count as equal.
+MIN_TILES_PER_CHUNK = 8
+CHUNK_NEAR_TIE = 0.01
 
 
 # Channel groups in parallel when the output channels number at least this many times
@@ -187,6 +201,16 @@ class GEMMTile:
     direct: bool = False
 
 
+# Tiles read the input rows in place (``GEMMTile.direct``) only where the input is at
+# most this large; a larger one comes from memory rather than the caches, and packing
+# reads it as one sequential stream per row, where the tiles read MR rows x STREAMS
+# places at once, more streams than the L2 prefetcher follows. Measured on a 2-core
+# Emerald Rapids (Xeon, CPUID model 207), legacy_xception at batch 8, interleaved in one
+# process: 0.983x as long with the 22-88 MB inputs of its 147x147, 74x74 and 37x37x728
+# layers packed (each of those 4-6% faster); at batch 1 the largest input is 11 MB.
+DIRECT_MAX_BYTES = 16 << 20
+
+
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                  cores: int, depth: int = 1, window: int = 1,
                  direct: bool = False) -> list[GEMMTile]:
@@ -205,9 +229,10 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         return prefetch_parts(depth // streams) if window == 1 else 0
 
     groups = column_groups(rows, channels, cores)
-    # In place only where the rows fill a tile: the padded rows read guarded where they
-    # share an accumulator with a real row (``schedules.padded_rows``).
-    direct = direct and rows >= mr
+    # In place only where the rows fill a tile (the padded rows read guarded where they
+    # share an accumulator with a real row: ``schedules.padded_rows``), and only where
+    # the input is small enough to come from the caches (DIRECT_MAX_BYTES).
+    direct = direct and rows >= mr and rows * depth * 4 <= DIRECT_MAX_BYTES
     by_rows = GEMMTile(mr, nu, chunk_tiles(rows, mr, cores), 1, streams, parts(streams),
                        direct)
     by_columns = replace(by_rows, mb=chunk_tiles(rows, mr, 1), groups=cores)
