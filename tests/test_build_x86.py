@@ -44,7 +44,8 @@ def test_manifest_records_the_build(xception71_onnx, xception71_build):
     assert any(n.startswith("fused_conv2d") for n in names), names
     rules = {k["rule"] for k in m["kernels"]}
     assert rules == {"xcompile.cpu.PackedConvGEMM", "xcompile.cpu.VectorDepthwise",
-                     "xcompile.cpu.VectorMatmul", "xcompile.cpu.Fallback"}, rules
+                     "xcompile.cpu.VectorMatmul", "xcompile.cpu.VectorReduction",
+                     "xcompile.cpu.Fallback"}, rules
     # Every ONNX weight is recorded by its name; params.bin holds exactly the weights
     # main takes, each under its own name.
     import onnx

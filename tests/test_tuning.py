@@ -251,9 +251,28 @@ def test_validation_decides_per_workload():
     assert {r["workload"]: r["kept"] for r in rows} == {"h1": False, "h2": True, "h3": False}
 
 
+def test_validation_keeps_other_models_verdicts():
+    """Tuning a second model (or batch) into a log keeps what the first one's validation
+    rejected, less what the second judges anew; a build honours both."""
+    from xcompile.tuning import log_folder
+
+    first = {"model_hash": "m1", "batch": 1, "rejected": ["h1", "h2"],
+             "workloads": [{"workload": h} for h in ("h1", "h2", "h3")]}
+    carried = log_folder.earlier_verdicts(first, "m1", 8, {"h2", "h9"})
+    assert carried == [{"model": "m1", "batch": 1, "judged": ["h1", "h3"],
+                        "rejected": ["h1"]}]
+    second = {"model_hash": "m1", "batch": 8, "rejected": ["h9"], "earlier": carried,
+              "workloads": [{"workload": "h2"}, {"workload": "h9"}]}
+    assert log_folder.rejected_workloads(second) == {"h1", "h9"}
+    # Validating the first again replaces its own verdict and carries the second's.
+    again = log_folder.earlier_verdicts(second, "m1", 1, {"h1", "h3"})
+    assert again == [{"model": "m1", "batch": 8, "judged": ["h2", "h9"], "rejected": ["h9"]}]
+    assert log_folder.earlier_verdicts(None, "m1", 1, set()) == []
+
+
 def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path):
     """With both kinds of result rigged to win alone, a validation rejecting the
-    pointwise one leaves it to our rule; once the log changes, the validation is stale
+    pointwise one (for another model of the log) leaves it to our rule; once the log changes, the validation is stale
     and every result applies again."""
     from xcompile.tuning import log_folder
 
@@ -262,7 +281,9 @@ def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path
     _edit_manifest(logs, _rig_both(names))
     manifest = json.loads((logs / "host" / "tuning.json").read_text())
     pointwise = next(h for h, t in manifest["tasks"].items() if t["name"] == names["pointwise"])
-    log_folder.write_validation(logs / "host", {"rejected": [pointwise]})
+    # (Rejected by the verdict on another model, carried forward in this one.)
+    log_folder.write_validation(logs / "host", {"rejected": [], "earlier": [
+        {"model": "other", "batch": 8, "judged": [pointwise], "rejected": [pointwise]}]})
     m = _build_verify(mobile_onnx, logs, tmp_path / "b1")
     assert set(m["tuning"]["applied"]) == {names["depthwise"]}, m["tuning"]
     assert m["tuning"]["validated"] and names["pointwise"] in m["tuning"]["kept_default"]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from xcompile import bench, build, peers, reference, runtime, targets
+from xcompile.files import sha256_file
 from xcompile.tuning import TuneOptions, log_folder
 from xcompile.tuning.workers import WorkerPool
 
@@ -136,6 +137,8 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
         return None
     folder = Path(opts.log_dir) / preset.name
     started = time.perf_counter()
+    model_hash = sha256_file(opts.model)
+    previous = log_folder.previous_validation(folder)
     # Any earlier verdict judged an older log: builds now apply every record until
     # this one is written.
     (folder / log_folder.VALIDATION).unlink(missing_ok=True)
@@ -147,8 +150,11 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
         manifest = _build_both(opts, Path(tmp), folder)
         workloads = (manifest.get("tuning") or {}).get("workloads", {})
         verdict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": bench.machine()["cpu"],
+                   "model_hash": model_hash, "batch": opts.batch,
                    "rounds": rounds, "rejected": [], "workloads": [],
-                   "estimate_ms": _estimate_ms(folder, workloads)}
+                   "estimate_ms": _estimate_ms(folder, workloads, [model_hash, opts.batch]),
+                   "earlier": log_folder.earlier_verdicts(previous, model_hash, opts.batch,
+                                                          set(workloads.values()))}
         if not workloads:
             log.info("no kernel of the model takes a result from the log")
             verdict["model"] = {"outcome": "nothing to apply"}
@@ -197,13 +203,17 @@ def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,
     return out
 
 
-def _estimate_ms(folder: Path, workloads: dict[str, str]) -> dict:
+def _estimate_ms(folder: Path, workloads: dict[str, str], model: list) -> dict:
     """The tuner's model estimates (sum over the model's kernels of calls x the time
-    measured alone): with our default schedules, and with what the build applied."""
+    measured alone): with our default schedules, and with what the build applied.
+    ``model``: [model hash, batch]; a log that also holds other models' tasks counts
+    only this one's (a log written before tasks named their model counts them all)."""
     manifest = log_folder.read_manifest(folder) or {"tasks": {}}
     applied = set(workloads.values())
     untuned = tuned = 0.0
     for h, t in manifest["tasks"].items():
+        if "models" in t and model not in t["models"]:
+            continue
         base = t.get("baseline_ms")
         if base is None:
             continue

@@ -51,7 +51,7 @@ class TunedKernels:
             contents = log_folder.read_log(folder, key)
             validation = log_folder.read_validation(folder)
         # Workloads whose result did not make the model faster, timed inside it.
-        self.rejected = set(validation["rejected"]) if validation else set()
+        self.rejected = log_folder.rejected_workloads(validation) if validation else set()
         self.validated = validation is not None
         self.workloads = contents.workloads
         self.records = contents.best()

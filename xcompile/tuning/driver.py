@@ -333,8 +333,11 @@ def _best_ms(entries, all_tasks, hashes, records) -> dict[str, float]:
 def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts) -> None:
     records = contents.best()
     names = {t.name for t in chosen}
+    model = [sha256_file(opts.model), opts.batch]  # the model (and batch) it came from
     for t in all_tasks:
         entry = manifest["tasks"].setdefault(hashes[t.name], {"name": t.name})
+        if model not in entry.setdefault("models", []):
+            entry["models"].append(model)
         recs = records.get(hashes[t.name], [])
         timed = [v for v in entry.get("configs", {}).values() if v is not None]
         entry["trials"] = len(recs) + len(entry.get("configs", {}))

@@ -342,6 +342,47 @@ def read_validation(folder: Path) -> dict | None:
     return data
 
 
+def rejected_workloads(validation: dict) -> set[str]:
+    """The workloads a validation rejected: its own model's, and those of the verdicts on
+    other models (or batches) of the same log that it carried forward (``earlier``)."""
+    rejected = set(validation.get("rejected", []))
+    for verdict in validation.get("earlier", []):
+        rejected.update(verdict.get("rejected", []))
+    return rejected
+
+
+def previous_validation(folder: Path) -> dict | None:
+    """The validation in ``folder`` as written, whatever log it judged (None if none)."""
+    try:
+        old = json.loads((folder / VALIDATION).read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def earlier_verdicts(old: dict | None, model: str, batch, judged: set[str]) -> list[dict]:
+    """What a new validation of ``model`` at ``batch`` carries forward from the previous
+    one (``old``, ``previous_validation``): the verdicts on other models and batches,
+    each without the workloads the new one judges (``judged``), so that tuning a second
+    model into a log keeps the first one's rejections. (A workload two models share is
+    judged anew by the later one.)"""
+    if old is None:
+        return []
+    verdicts = [{"model": old.get("model_hash"), "batch": old.get("batch"),
+                 "judged": [w.get("workload") for w in old.get("workloads", [])
+                            if isinstance(w, dict)],
+                 "rejected": old.get("rejected", [])}]
+    verdicts += [v for v in old.get("earlier", []) if isinstance(v, dict)]
+    out = []
+    for v in verdicts:
+        if (v.get("model"), v.get("batch")) == (model, batch) or v.get("model") is None:
+            continue
+        judged_there = [w for w in v.get("judged", []) if w not in judged]
+        out.append({"model": v["model"], "batch": v.get("batch"), "judged": judged_there,
+                    "rejected": [w for w in v.get("rejected", []) if w in judged_there]})
+    return [v for v in out if v["judged"]]
+
+
 def resolve_folder(path: str | os.PathLike, preset_name: str) -> Path:
     """The log folder for a preset: ``path`` itself when it holds a log, else
     ``path/<preset>``."""
