@@ -354,10 +354,10 @@ def classify(func) -> str:
 
 def elementwise_map_ops(func) -> float | None:
     """Operations per element (TVM's count) when ``func`` maps its one input to its one
-    output element by element, ``out[i, j, ...] = f(in[i, j, ...])``, in a chain of
-    blocks each reading the one before at the same element, and scalars (an activation:
-    a ReLU is one or two operations, a clip by scalar arguments two blocks of one),
-    else None."""
+    output element by element, ``out[i, j, ...] = f(in[i, j, ...])``, in blocks that
+    each read the input or earlier blocks' results at the same element, and scalars (an
+    activation: a ReLU is one or two operations, a clip by scalar arguments two blocks
+    of one, a leaky ReLU ``max(x, alpha * x)`` two), else None."""
     from tvm import s_tir
 
     if len(func.params) < 2:
@@ -367,7 +367,7 @@ def elementwise_map_ops(func) -> float | None:
         return None
     shape = [int(s) for s in inp.shape]
     sch = s_tir.Schedule(func)
-    source, ops = inp, 0.0
+    sources, last, ops = [inp], None, 0.0
     for rv in root_blocks(sch):
         block = sch.get(rv)
         iters = [iv.var for iv in block.iter_vars]
@@ -377,15 +377,16 @@ def elementwise_map_ops(func) -> float | None:
                 is_var(r.min, v) and int(r.extent) == 1 for r, v in zip(region, iters))
 
         reads = [r for r in block.reads if not any(r.source.same_as(p) for p in scalars)]
-        if ("R" in iter_kinds(block) or len(reads) != 1 or len(block.writes) != 1
-                or not reads[0].source.same_as(source)
-                or not elementwise(reads[0].region)
+        if ("R" in iter_kinds(block) or not reads or len(block.writes) != 1
+                or not all(any(r.source.same_as(s) for s in sources)
+                           and elementwise(r.region) for r in reads)
                 or not elementwise(block.writes[0].region)
                 or [int(s) for s in block.writes[0].source.shape] != shape):
             return None
-        source = block.writes[0].source
+        last = block.writes[0].source
+        sources.append(last)
         ops += float(s_tir.analysis.estimate_tir_flops(block))
-    return ops if source.same_as(out) else None
+    return ops if last is not None and last.same_as(out) else None
 
 
 def work_flops(func) -> float:

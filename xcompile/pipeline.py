@@ -81,9 +81,11 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
 
     from xcompile.batch_norm_folding import fold_batch_norm
     from xcompile.clip_recovery import recover_clip
+    from xcompile.leaky_relu import rewrite_leaky_relu
 
     t = relax.transform
-    passes = [fold_batch_norm(), recover_clip(), t.DecomposeOpsForInference(),
+    passes = [fold_batch_norm(), recover_clip(), rewrite_leaky_relu(),
+              t.DecomposeOpsForInference(),
               t.CanonicalizeBindings()]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
