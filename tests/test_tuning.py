@@ -253,20 +253,22 @@ def test_validation_decides_per_workload():
 
 def test_validation_keeps_other_models_verdicts():
     """Tuning a second model (or batch) into a log keeps what the first one's validation
-    rejected, less what the second judges anew; a build honours both."""
+    rejected and chose, less what the second judges anew; a build honours both."""
     from xcompile.tuning import log_folder
 
-    first = {"model_hash": "m1", "batch": 1, "rejected": ["h1", "h2"],
+    first = {"model_hash": "m1", "batch": 1, "rejected": ["h1", "h2"], "choice": {"h3": 2},
              "workloads": [{"workload": h} for h in ("h1", "h2", "h3")]}
     carried = log_folder.earlier_verdicts(first, "m1", 8, {"h2", "h9"})
     assert carried == [{"model": "m1", "batch": 1, "judged": ["h1", "h3"],
-                        "rejected": ["h1"]}]
+                        "rejected": ["h1"], "choice": {"h3": 2}}]
     second = {"model_hash": "m1", "batch": 8, "rejected": ["h9"], "earlier": carried,
-              "workloads": [{"workload": "h2"}, {"workload": "h9"}]}
+              "choice": {"h2": 2}, "workloads": [{"workload": "h2"}, {"workload": "h9"}]}
     assert log_folder.rejected_workloads(second) == {"h1", "h9"}
+    assert log_folder.chosen_ranks(second) == {"h2": 2, "h3": 2}
     # Validating the first again replaces its own verdict and carries the second's.
     again = log_folder.earlier_verdicts(second, "m1", 1, {"h1", "h3"})
-    assert again == [{"model": "m1", "batch": 8, "judged": ["h2", "h9"], "rejected": ["h9"]}]
+    assert again == [{"model": "m1", "batch": 8, "judged": ["h2", "h9"], "rejected": ["h9"],
+                      "choice": {"h2": 2}}]
     assert log_folder.earlier_verdicts(None, "m1", 1, set()) == []
 
 
@@ -292,6 +294,45 @@ def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path
     assert set(m["tuning"]["applied"]) == {names["depthwise"], names["pointwise"]}
     assert not m["tuning"]["validated"]
     assert "changed since it was validated" in m["_stderr"]
+
+
+def test_validation_chooses_per_workload_among_ranks():
+    """Per workload, the rank whose kernels ran fastest in the model, if it beats the
+    untuned kernels by KERNEL_GAIN; a workload the second build did not change keeps its
+    fastest result's verdict."""
+    from xcompile.tuning_validation import choose
+
+    untuned = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    first = ({"a": 0.9, "b": 1.2, "c": 1.0, "d": 0.9}, {"a": "h1", "b": "h2", "c": "h3",
+                                                       "d": "h4"})
+    second = ({"a": 0.95, "b": 0.8, "c": 0.99, "d": 0.7}, {"a": "h1", "b": "h2", "c": "h3"})
+    rejected, choice, rows = choose(untuned, [first, second])
+    assert rejected == ["h3"]  # 0.99: not 2% faster
+    assert choice == {"h2": 2}  # h1 keeps its fastest alone; h4 had no second result
+    assert {r["workload"]: r["tuned_ms"] for r in rows}["h2"] == 0.8
+
+
+def test_builds_apply_the_validations_choice(tuned, mobile_onnx, names, tmp_path):
+    """A validation that chose a workload's second-fastest result makes builds apply
+    that one."""
+    from xcompile.tuning import log_folder
+
+    logs = _copy(tuned[0], tmp_path)
+
+    def rig(m):
+        for t in m["tasks"].values():
+            if t["name"] == names["pointwise"]:
+                others = sorted(k for k in t["configs"] if k != t["default_config"])
+                t["configs"] = {k: (1e-6 * (1 + others.index(k)) if k in others else 1.0)
+                                for k in t["configs"]}
+                rig.second = others[1]
+
+    _edit_manifest(logs, rig)
+    manifest = json.loads((logs / "host" / "tuning.json").read_text())
+    pointwise = next(h for h, t in manifest["tasks"].items() if t["name"] == names["pointwise"])
+    log_folder.write_validation(logs / "host", {"rejected": [], "choice": {pointwise: 2}})
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b")
+    assert rig.second in m["tuning"]["applied"][names["pointwise"]], m["tuning"]
 
 
 def test_slower_results_never_replace_our_schedule(tuned, mobile_onnx, names, tmp_path):

@@ -138,8 +138,10 @@ def cmd_tune(args) -> int:
         if v is not None:
             kept = [w for w in v["workloads"] if w["kept"] and w["workload"] not in v["rejected"]]
             est = v["estimate_ms"]
+            second = sum(1 for w in kept if w.get("rank", 1) > 1)
             print(f"validated in the whole model ({v['seconds']:.0f} s): {len(kept)} of "
-                  f"{len(v['workloads'])} tuned kernels kept; {v['model']['outcome']}")
+                  f"{len(v['workloads'])} tuned kernels kept ({second} with their "
+                  f"second-fastest result); {v['model']['outcome']}")
             if "untuned_ms" in v["model"]:
                 print(f"  end to end: {v['model']['untuned_ms']:.2f} ms untuned, "
                       f"{v['model']['validated_ms']:.2f} ms with the log")

@@ -3,16 +3,19 @@ gets faster with it.
 
 A kernel timed alone, even with its weights evicted before every call, is not the kernel
 in the model: the kernels around it leave the caches, the memory bus and the cores'
-clocks in another state. ``validate`` builds the model without the log and with all of
-it, times every kernel inside both models (interleaved rounds, medians), rejects each
-workload whose kernels did not get faster there, then builds with what is left and
-keeps it only when the whole model is faster than without the log, timed end to end.
+clocks in another state. ``validate`` builds the model without the log, with all of it,
+and with every workload's second-fastest result instead of its fastest, times every
+kernel inside the three models (interleaved rounds, medians), keeps for each workload
+whichever of its two results ran faster there (``choice``: the rank) and rejects the
+workload when neither made its kernels faster, then builds with what is left and keeps
+it only when the whole model is faster than without the log, timed end to end.
 The verdict goes into the log folder (``validation.json``), stamped with the log it
 judged; builds apply only the accepted results while the log is unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import tempfile
@@ -46,24 +49,44 @@ def decide(untuned: dict[str, float], tuned: dict[str, float],
     """Which workloads to reject: those whose kernels, summed over the model, did not get
     at least ``KERNEL_GAIN`` faster. ``untuned``/``tuned``: kernel -> in-model ms per run;
     ``workloads``: tuned kernel -> its workload hash. Returns (rejected hashes, one row
-    per workload)."""
+    per workload). (``choose`` with the fastest results alone.)"""
+    rejected, _, rows = choose(untuned, [(tuned, workloads)])
+    return rejected, rows
+
+
+def choose(untuned: dict[str, float], variants: list[tuple[dict, dict]]
+           ) -> tuple[list[str], dict[str, int], list[dict]]:
+    """Per workload, the result to apply: ``variants[r - 1]`` is the build applying every
+    workload's rank-``r`` result (1: the fastest alone), as (kernel -> in-model ms per
+    run, tuned kernel -> workload hash). The rank whose kernels, summed over the model,
+    ran fastest is chosen when it is at least ``KERNEL_GAIN`` faster than the untuned
+    kernels; otherwise the workload is rejected. Returns (rejected hashes, workload ->
+    chosen rank other than 1, one row per workload)."""
     untuned = {_kernel(k): v for k, v in untuned.items()}
-    tuned = {_kernel(k): v for k, v in tuned.items()}
     per: dict[str, dict] = {}
-    for kernel, h in workloads.items():
-        if kernel not in untuned or kernel not in tuned:
-            continue  # not called (or renamed): no evidence either way
-        row = per.setdefault(h, {"workload": h, "kernels": [], "untuned_ms": 0.0,
-                                 "tuned_ms": 0.0})
-        row["kernels"].append(kernel)
-        row["untuned_ms"] += untuned[kernel]
-        row["tuned_ms"] += tuned[kernel]
+    for rank, (ms, workloads) in enumerate(variants, 1):
+        ms = {_kernel(k): v for k, v in ms.items()}
+        sums: dict[str, list] = {}
+        for kernel, h in workloads.items():
+            if kernel not in untuned or kernel not in ms:
+                continue  # not called (or renamed): no evidence either way
+            acc = sums.setdefault(h, [[], 0.0, 0.0])
+            acc[0].append(kernel)
+            acc[1] += untuned[kernel]
+            acc[2] += ms[kernel]
+        for h, (kernels, base, tuned) in sums.items():
+            row = per.setdefault(h, {"workload": h, "kernels": kernels, "untuned_ms": base,
+                                     "tuned_ms": tuned, "rank": rank})
+            if rank > 1 and kernels == row["kernels"] and tuned < row["tuned_ms"]:
+                row["tuned_ms"], row["rank"] = tuned, rank
     rows = []
     for row in per.values():
         row["kept"] = row["tuned_ms"] <= KERNEL_GAIN * row["untuned_ms"]
         rows.append(row)
     rows.sort(key=lambda r: r["tuned_ms"] - r["untuned_ms"])
-    return sorted(r["workload"] for r in rows if not r["kept"]), rows
+    rejected = sorted(r["workload"] for r in rows if not r["kept"])
+    choice = {r["workload"]: r["rank"] for r in rows if r["kept"] and r["rank"] > 1}
+    return rejected, choice, rows
 
 
 def _median_kernel_ms(predictors: dict, x, rounds: int) -> dict[str, dict[str, float]]:
@@ -159,12 +182,19 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
             log.info("no kernel of the model takes a result from the log")
             verdict["model"] = {"outcome": "nothing to apply"}
         else:
+            alt = _build_second_best(opts, Path(tmp), folder, workloads, stamp)
             predictors = {"untuned": runtime.load(Path(tmp) / "untuned"),
                           "tuned": runtime.load(Path(tmp) / "tuned")}
+            if alt:
+                predictors["second"] = runtime.load(Path(tmp) / "second")
             x = reference.make_input(predictors["untuned"].input, None)
             kernel_ms = _median_kernel_ms(predictors, x, rounds)
-            rejected, rows = decide(kernel_ms["untuned"], kernel_ms["tuned"], workloads)
+            variants = [(kernel_ms["tuned"], workloads)]
+            if alt:
+                variants.append((kernel_ms["second"], alt))
+            rejected, choice, rows = choose(kernel_ms["untuned"], variants)
             verdict["rejected"], verdict["workloads"] = rejected, rows
+            verdict["choice"] = choice
             # The estimate's counterpart: our kernels only (not the VM's builtins).
             ours = {k["name"] for k in manifest["kernels"]}
             verdict["kernels_in_model_ms"] = {
@@ -178,6 +208,28 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
     return verdict
 
 
+def _build_second_best(opts: TuneOptions, tmp: Path, folder: Path, workloads: dict,
+                       stamp: str) -> dict:
+    """Build the model with every tuned workload's second-fastest result alone
+    (``tmp/second``), so that the validation can choose between the two inside the
+    model; returns its tuned kernel -> workload map, empty when no workload has a
+    second result. (A verdict choosing rank 2 for all is written for the build's sake
+    and removed after it.)"""
+    path = folder / log_folder.VALIDATION
+    log_folder.write_validation(folder, {"rejected": [], "choice": {
+        h: 2 for h in set(workloads.values())}}, stamp)
+    try:
+        manifest = _build(opts, tmp / "second", str(folder))
+    finally:
+        path.unlink(missing_ok=True)
+    tuning = manifest.get("tuning") or {}
+    first = json.loads((tmp / "tuned" / "manifest.json").read_text()).get("tuning") or {}
+    # Nothing to choose between where the second build applied what the first did.
+    if tuning.get("applied", {}) == first.get("applied", {}):
+        return {}
+    return tuning.get("workloads", {})
+
+
 def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,
                  stamp: str) -> dict:
     """Build with the accepted results and time it against the untuned build end to end;
@@ -186,7 +238,7 @@ def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,
     if verdict["rejected"] == all_rejected:
         return {"outcome": "no result made its kernels faster in the model"}
     validated = tmp / "tuned"  # every result accepted: the build with the whole log
-    if verdict["rejected"]:
+    if verdict["rejected"] or verdict.get("choice"):
         log_folder.write_validation(folder, verdict, stamp)  # the build applies only these
         validated = tmp / "validated"
         _build(opts, validated, str(folder))

@@ -52,6 +52,8 @@ class TunedKernels:
             validation = log_folder.read_validation(folder)
         # Workloads whose result did not make the model faster, timed inside it.
         self.rejected = log_folder.rejected_workloads(validation) if validation else set()
+        # Workload -> the rank of the candidate the validation chose in the model.
+        self.ranks = log_folder.chosen_ranks(validation) if validation else {}
         self.validated = validation is not None
         self.workloads = contents.workloads
         self.records = contents.best()
@@ -61,13 +63,22 @@ class TunedKernels:
         self.applied_workloads: dict[str, str] = {}  # kernel -> its workload hash
         self.kept: list[str] = []  # kernels whose default schedule was the fastest
 
-    def _best_config(self, entry: dict):
-        timed = [(ms, k) for k, ms in entry.get("configs", {}).items() if ms is not None]
-        return min(timed) if timed else None
+    @staticmethod
+    def _candidates(entry: dict, records: list) -> list[tuple]:
+        """``(ms, kind, config)`` fastest first: our timed configurations, and
+        MetaSchedule's fastest record (``kind`` "record"; the shipped logs keep only it),
+        our configuration first on a tie."""
+        cands = [(ms, 0, "config", k) for k, ms in entry.get("configs", {}).items()
+                 if ms is not None]
+        if records:
+            cands.append((records[0].seconds * 1e3, 1, "record", None))
+        return [(ms, kind, k) for ms, _, kind, k in sorted(cands)]
 
     def schedule(self, name: str, func):
         """``(tuned PrimFunc, label)`` for ``func``, or None: no result for it, our
-        default schedule was the fastest, or nothing faster applies."""
+        default schedule was the fastest, or nothing faster applies. The fastest result
+        alone is taken, or the one the log's validation chose in the whole model (its
+        rank among the candidates, ``log_folder.chosen_ranks``)."""
         import tvm_ffi
 
         mod = workload(func)
@@ -77,17 +88,23 @@ class TunedKernels:
             self.kept.append(name)
             return None
         baseline = entry.get("baseline_ms")
-        config = self._best_config(entry)
         records = [r for r in self.records.get(key, [])
                    if baseline is None or r.seconds * 1e3 < baseline]
-        if config is not None and (not records or config[0] <= records[0].seconds * 1e3):
-            records = []  # our best configuration wins
-        for rec in records:
-            tuned = self._replay(name, mod, rec)
-            if tuned is not None:
-                self.applied[name] = f"metaschedule {rec.seconds * 1e3:.3f} ms"
-                self.applied_workloads[name] = key
-                return _same_symbol(tuned, func), TUNED_RULE
+        cands = self._candidates(entry, records)
+        rank = min(self.ranks.get(key, 1), len(cands)) if cands else 0
+        config = None
+        if cands:
+            ms, kind, chosen = cands[rank - 1]
+            config = (ms, chosen) if kind == "config" else None
+            if kind == "record":
+                for rec in records:
+                    tuned = self._replay(name, mod, rec)
+                    if tuned is not None:
+                        self.applied[name] = f"metaschedule {rec.seconds * 1e3:.3f} ms"
+                        self.applied_workloads[name] = key
+                        return _same_symbol(tuned, func), TUNED_RULE
+                # No record replays: our fastest configuration, if any.
+                config = next(((ms, k) for ms, kind, k in cands if kind == "config"), None)
         rule = self.rules.get(entry.get("rule"))
         if config is None or rule is None or config[1] == entry.get("default_config"):
             if entry:

@@ -360,6 +360,18 @@ def previous_validation(folder: Path) -> dict | None:
     return old if isinstance(old, dict) else None
 
 
+def chosen_ranks(validation: dict) -> dict[str, int]:
+    """Workload -> the rank (1: the fastest alone) of the result a validation chose for
+    it inside the whole model, its own model's and those carried forward; workloads not
+    listed take the fastest."""
+    ranks: dict[str, int] = {}
+    for verdict in [*validation.get("earlier", []), validation]:
+        choice = verdict.get("choice", {})
+        if isinstance(choice, dict):
+            ranks.update({str(w): int(r) for w, r in choice.items()})
+    return ranks
+
+
 def earlier_verdicts(old: dict | None, model: str, batch, judged: set[str]) -> list[dict]:
     """What a new validation of ``model`` at ``batch`` carries forward from the previous
     one (``old``, ``previous_validation``): the verdicts on other models and batches,
@@ -371,15 +383,17 @@ def earlier_verdicts(old: dict | None, model: str, batch, judged: set[str]) -> l
     verdicts = [{"model": old.get("model_hash"), "batch": old.get("batch"),
                  "judged": [w.get("workload") for w in old.get("workloads", [])
                             if isinstance(w, dict)],
-                 "rejected": old.get("rejected", [])}]
+                 "rejected": old.get("rejected", []), "choice": old.get("choice", {})}]
     verdicts += [v for v in old.get("earlier", []) if isinstance(v, dict)]
     out = []
     for v in verdicts:
         if (v.get("model"), v.get("batch")) == (model, batch) or v.get("model") is None:
             continue
         judged_there = [w for w in v.get("judged", []) if w not in judged]
+        choice = v.get("choice", {}) if isinstance(v.get("choice"), dict) else {}
         out.append({"model": v["model"], "batch": v.get("batch"), "judged": judged_there,
-                    "rejected": [w for w in v.get("rejected", []) if w in judged_there]})
+                    "rejected": [w for w in v.get("rejected", []) if w in judged_there],
+                    "choice": {w: r for w, r in choice.items() if w in judged_there}})
     return [v for v in out if v["judged"]]
 
 
