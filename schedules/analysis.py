@@ -328,7 +328,7 @@ def match_reduction(sch) -> Reduction | None:
         return None
     if not is_var(block.writes[0].region[-1].min, block.iter_vars[kinds.rindex("S")].var):
         return None
-    order = [b for b in root_blocks(sch)]
+    order = list(root_blocks(sch))
     at = next(i for i, b in enumerate(order) if sch.get(b).same_as(block))
     before, after = order[:at], order[at + 1:]
     shape = tuple(int(x) for x in block.writes[0].source.shape)

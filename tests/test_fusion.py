@@ -132,8 +132,8 @@ class _PreActivated(nn.Module):
 
 def test_activation_before_a_depthwise_conv_is_computed_in_it():
     """A ReLU, a clip or a leaky ReLU that only a depthwise conv reads is inlined into
-    its input read (no kernel of its own); an expensive activation (sigmoid: a polynomial per window
-    tap) and one with a second reader stay kernels of their own."""
+    its input read (no kernel of its own); an expensive activation (sigmoid: a
+    polynomial per window tap) and one with a second reader stay kernels of their own."""
     for act in (nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1)):
         kernels = lowered_kernels(_PreActivated(act), (1, 16, 12, 12))
         assert len(kernels) == 5, sorted(kernels)  # 2 transposes, 3 convs

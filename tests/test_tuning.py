@@ -274,8 +274,8 @@ def test_validation_keeps_other_models_verdicts():
 
 def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path):
     """With both kinds of result rigged to win alone, a validation rejecting the
-    pointwise one (for another model of the log) leaves it to our rule; once the log changes, the validation is stale
-    and every result applies again."""
+    pointwise one (for another model of the log) leaves it to our rule; once the log
+    changes, the validation is stale and every result applies again."""
     from xcompile.tuning import log_folder
 
     logs = _copy(tuned[0], tmp_path)

@@ -35,6 +35,13 @@ def _is_activation(func) -> bool:
     return ops is not None and ops <= MAX_OPS
 
 
+def _role(func) -> str | None:
+    """An activation produces, a depthwise conv consumes (``kernel_pairs.find_pairs``)."""
+    if _is_activation(func):
+        return kernel_pairs.PRODUCER
+    return kernel_pairs.CONSUMER if _is_depthwise(func) else None
+
+
 def _is_depthwise(func) -> bool:
     from xcompile.schedules.analysis import DEPTHWISE, classify
 
@@ -72,7 +79,7 @@ def fuse_input_activations():
 
     @tvm.transform.module_pass(opt_level=0, name="xcompile.FuseInputActivations")
     def _pass(mod, _ctx):
-        pairs = kernel_pairs.find_pairs(mod, _is_activation, _is_depthwise)
+        pairs = kernel_pairs.find_pairs(mod, _role)
         while pairs:
             fused, kernels = kernel_pairs.fuse_pairs(mod, pairs)
             rejected = set()

@@ -59,22 +59,26 @@ def use_counts(func) -> dict:
     return counts
 
 
-def find_pairs(mod, producer_kind, consumer_kind) -> list[tuple]:
-    """(producer binding, consumer binding) pairs of ``mod``'s main: a kernel for which
-    ``producer_kind(prim_func)`` is true whose result is used only as the first argument
-    of a kernel for which ``consumer_kind(prim_func)`` is true. (Each kernel is asked
-    once, however many calls share it.)"""
+# What ``find_pairs``'s classifier says of a kernel.
+PRODUCER = "producer"
+CONSUMER = "consumer"
+
+
+def find_pairs(mod, role) -> list[tuple]:
+    """(producer binding, consumer binding) pairs of ``mod``'s main: a kernel that
+    ``role(prim_func)`` calls ``PRODUCER`` whose result is used only as the first
+    argument of a kernel it calls ``CONSUMER`` (None: neither). Each kernel is asked
+    once, however many calls share it."""
     from tvm import relax
 
     main = mod["main"]
     uses = use_counts(main)
-    asked: dict = {}
+    roles: dict = {}
 
-    def ask(test, gv):
-        key = (id(test), gv)
-        if key not in asked:
-            asked[key] = bool(test(mod[gv]))
-        return asked[key]
+    def role_of(gv):
+        if gv not in roles:
+            roles[gv] = role(mod[gv])
+        return roles[gv]
 
     producers = {}
     pairs = []
@@ -86,11 +90,11 @@ def find_pairs(mod, producer_kind, consumer_kind) -> list[tuple]:
             if parts is None:
                 continue
             gv, args = parts
-            if args and args[0] in producers and uses.get(args[0]) == 1 \
-                    and ask(consumer_kind, gv):
+            kind = role_of(gv)
+            if (kind == CONSUMER and args and args[0] in producers
+                    and uses.get(args[0]) == 1):
                 pairs.append((producers.pop(args[0]), binding))
-            # (A consumer can itself produce for the next pair only when unpaired.)
-            elif ask(producer_kind, gv):
+            elif kind == PRODUCER:
                 producers[binding.var] = binding
     return pairs
 

@@ -173,8 +173,8 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
     module's PrimFuncs are what the rules schedule and what the tuner tunes; with our
     schedules, an activation only a depthwise conv reads is computed in that conv
-    (``activation_fusion``). ``fuse_separable``: depthwise -> pointwise kernel pairs become one kernel, for the
-    families whose rules schedule those."""
+    (``activation_fusion``). ``fuse_separable``: depthwise -> pointwise kernel pairs
+    become one kernel, for the families whose rules schedule those."""
     from xcompile import schedules
     from xcompile.activation_fusion import fuse_input_activations
     from xcompile.separable_fusion import fuse_separable as fusion

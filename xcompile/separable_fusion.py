@@ -43,8 +43,8 @@ def find_pairs(mod) -> list[tuple]:
     """(depthwise binding, pointwise binding) pairs of ``mod``'s main that can fuse."""
     from xcompile.schedules.analysis import DEPTHWISE, POINTWISE
 
-    return kernel_pairs.find_pairs(mod, lambda func: _kind(func) == DEPTHWISE,
-                                   lambda func: _kind(func) == POINTWISE)
+    roles = {DEPTHWISE: kernel_pairs.PRODUCER, POINTWISE: kernel_pairs.CONSUMER}
+    return kernel_pairs.find_pairs(mod, lambda func: roles.get(_kind(func)))
 
 
 def fuse_separable(accept=None):

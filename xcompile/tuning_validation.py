@@ -15,7 +15,6 @@ judged; builds apply only the accepted results while the log is unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import tempfile
@@ -182,7 +181,7 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
             log.info("no kernel of the model takes a result from the log")
             verdict["model"] = {"outcome": "nothing to apply"}
         else:
-            alt = _build_second_best(opts, Path(tmp), folder, workloads, stamp)
+            alt = _build_second_best(opts, Path(tmp), folder, manifest, stamp)
             predictors = {"untuned": runtime.load(Path(tmp) / "untuned"),
                           "tuned": runtime.load(Path(tmp) / "tuned")}
             if alt:
@@ -208,26 +207,26 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
     return verdict
 
 
-def _build_second_best(opts: TuneOptions, tmp: Path, folder: Path, workloads: dict,
+def _build_second_best(opts: TuneOptions, tmp: Path, folder: Path, tuned: dict,
                        stamp: str) -> dict:
     """Build the model with every tuned workload's second-fastest result alone
     (``tmp/second``), so that the validation can choose between the two inside the
-    model; returns its tuned kernel -> workload map, empty when no workload has a
-    second result. (A verdict choosing rank 2 for all is written for the build's sake
-    and removed after it.)"""
+    model; ``tuned``: the manifest of the build with the fastest results. Returns the
+    second build's tuned kernel -> workload map, empty when no workload has a second
+    result. (A verdict choosing rank 2 for all is written for the build's sake and
+    removed after it.)"""
+    first = tuned.get("tuning") or {}
     path = folder / log_folder.VALIDATION
     log_folder.write_validation(folder, {"rejected": [], "choice": {
-        h: 2 for h in set(workloads.values())}}, stamp)
+        h: 2 for h in set(first.get("workloads", {}).values())}}, stamp)
     try:
-        manifest = _build(opts, tmp / "second", str(folder))
+        second = _build(opts, tmp / "second", str(folder)).get("tuning") or {}
     finally:
         path.unlink(missing_ok=True)
-    tuning = manifest.get("tuning") or {}
-    first = json.loads((tmp / "tuned" / "manifest.json").read_text()).get("tuning") or {}
     # Nothing to choose between where the second build applied what the first did.
-    if tuning.get("applied", {}) == first.get("applied", {}):
+    if second.get("applied", {}) == first.get("applied", {}):
         return {}
-    return tuning.get("workloads", {})
+    return second.get("workloads", {})
 
 
 def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,

@@ -164,7 +164,8 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
                             f"{timing}: their times do not compare; tune into another "
                             "--log-dir")
     manifest = manifest or _new_manifest(preset, key, timing)
-    manifest["models"][sha256_file(opts.model)] = {
+    model_hash = sha256_file(opts.model)
+    manifest["models"][model_hash] = {
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
         "builtin": opts.builtin.to_json() if opts.builtin else None}
 
@@ -246,7 +247,8 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
         if hasattr(runner, "close"):
             runner.close()
     contents = log_folder.read_log(folder, key)
-    _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts)
+    _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts,
+                     model_hash)
     log_folder.write_manifest(folder, manifest)
     if (folder / log_folder.CURVE_CSV).is_file():
         progress.plot(folder / log_folder.CURVE_CSV, folder / log_folder.CURVE_PNG,
@@ -330,10 +332,11 @@ def _best_ms(entries, all_tasks, hashes, records) -> dict[str, float]:
     return out
 
 
-def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts) -> None:
+def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opts,
+                     model_hash: str) -> None:
     records = contents.best()
     names = {t.name for t in chosen}
-    model = [sha256_file(opts.model), opts.batch]  # the model (and batch) it came from
+    model = [model_hash, opts.batch]  # the model (and batch) each task came from
     for t in all_tasks:
         entry = manifest["tasks"].setdefault(hashes[t.name], {"name": t.name})
         if model not in entry.setdefault("models", []):
