@@ -80,6 +80,37 @@ def test_classifies_the_separable_kernels(names):
     assert {"depthwise", "pointwise", "dense", "other"} <= set(names)
 
 
+def test_task_selections_pick_kinds():
+    """``convs`` (the default) adds the KxK and grouped convs to ``separable``; ``all``
+    takes every kernel; a regular expression picks by name; nothing chosen is an error."""
+    from xcompile.errors import XCompileError
+    from xcompile.tuning import tasks
+
+    kinds = ["depthwise", "pointwise", "separable", "dense", "grouped", "other"]
+    made = [tasks.Task(f"k_{kind}", None, 1, kind, 1.0) for kind in kinds]
+
+    def picked(which):
+        return [t.kind for t in tasks.select(made, which)]
+
+    assert picked("separable") == ["depthwise", "pointwise", "separable"]
+    assert picked("convs") == ["depthwise", "pointwise", "separable", "dense", "grouped"]
+    assert picked("all") == kinds
+    assert picked("^k_(dense|other)$") == ["dense", "other"]
+    with pytest.raises(XCompileError, match="no task"):
+        tasks.select(made, "^nothing$")
+
+
+def test_rotated_timing_reports_the_middle_half():
+    """A rotated measurement hands MetaSchedule the middle half of its single calls:
+    an interrupt's outlier and the luckiest call both drop out of the mean."""
+    from xcompile.tuning.measure import middle_half
+
+    times = [1.0, 1.1, 0.2, 1.2, 9.0, 1.0, 1.3, 1.1]
+    assert middle_half(times) == [1.0, 1.1, 1.1, 1.2]
+    assert sorted(middle_half(list(range(10)))) == [2, 3, 4, 5, 6, 7]
+    assert middle_half([3.0, 1.0]) == [3.0, 1.0]
+
+
 def test_tune_writes_a_valid_log(tuned, names):
     logs, proc = tuned
     folder = logs / "host"

@@ -385,9 +385,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials-per-task", type=_positive, metavar="M",
                    help="per task in this run: at most M of our configurations and M "
                         "search trials")
-    s.add_argument("--tasks", default="separable", metavar="separable|all|REGEX",
-                   help="which kernels: depthwise and pointwise convs (default), all, or "
-                        "those whose name matches REGEX")
+    s.add_argument("--tasks", default="convs", metavar="convs|separable|all|REGEX",
+                   help="which kernels: every convolution (default; the stem's KxK convs "
+                        "too), depthwise and pointwise convs only, all, or those whose "
+                        "name matches REGEX")
     s.add_argument("--log-dir", default="tuning-logs", metavar="DIR",
                    help="logs go to DIR/<target> (default: tuning-logs)")
     s.add_argument("--rpc-tracker", metavar="HOST:PORT",

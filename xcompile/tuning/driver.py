@@ -41,7 +41,7 @@ class TuneOptions:
     batch: int | None
     trials: int  # total measured trials the log should hold for the chosen tasks
     trials_per_task: int | None
-    tasks: str  # separable | all | a regular expression over task names
+    tasks: str  # convs | separable | all | a regular expression over task names
     log_dir: str
     rpc_tracker: str | None = None
     rpc_key: str | None = None
@@ -57,7 +57,7 @@ class TuneOptions:
 
 def resolve_tune_options(model: str | None = None, target: str = targets.HOST,
                          batch: int | None = None, trials: int = 600,
-                         trials_per_task: int | None = None, tasks: str = "separable",
+                         trials_per_task: int | None = None, tasks: str = "convs",
                          log_dir: str = DEFAULT_LOG_DIR, rpc_tracker: str | None = None,
                          rpc_key: str | None = None, search: bool = True) -> TuneOptions:
     """Check everything that can be checked before any work is done."""

@@ -40,12 +40,16 @@ def extract(mod, target) -> list[Task]:
 
 
 def select(tasks: list[Task], which: str) -> list[Task]:
-    """``separable`` (depthwise and pointwise convs, and fused pairs of them), ``all``,
-    or the tasks whose name matches the regular expression ``which``; never empty."""
-    from xcompile.schedules.analysis import DEPTHWISE, POINTWISE, SEPARABLE
+    """``convs`` (every convolution: depthwise, pointwise, dense KxK and grouped, and
+    fused separable pairs), ``separable`` (depthwise and pointwise convs, and fused
+    pairs of them), ``all``, or the tasks whose name matches the regular expression
+    ``which``; never empty."""
+    from xcompile.schedules.analysis import DENSE, DEPTHWISE, GROUPED, POINTWISE, SEPARABLE
 
-    if which == "separable":
-        chosen = [t for t in tasks if t.kind in (DEPTHWISE, POINTWISE, SEPARABLE)]
+    kinds = {"separable": (DEPTHWISE, POINTWISE, SEPARABLE),
+             "convs": (DEPTHWISE, POINTWISE, SEPARABLE, DENSE, GROUPED)}
+    if which in kinds:
+        chosen = [t for t in tasks if t.kind in kinds[which]]
     elif which == "all":
         chosen = list(tasks)
     else:
