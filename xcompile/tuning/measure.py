@@ -40,10 +40,10 @@ class Evaluator:
     spanning at least ``min_repeat_ms`` (``number`` grows to reach it), after one
     untimed warm-up call.
 
-    ``rotate_bytes`` (CPUs): time ``repeat`` single calls instead (and report the
-    middle half of them: ``middle_half``), each on its own copy
-    of the weights and output, rotating through as many copies as span
-    ``rotate_bytes`` (the model's weights): every call then finds its weights as far
+    ``rotate_bytes`` (CPUs): time ``repeat`` single calls instead (reporting the middle
+    half of them, ``middle_half``), each on its own copy of the weights and output,
+    rotating through as many copies as span ``rotate_bytes`` (the model's weights):
+    every call then finds its weights as far
     back in the caches as the model leaves them, one inference after their last use
     (in the last-level cache where the model fits in it, in DRAM where it does not);
     the input stays the same, warm, as the kernel before it leaves it. Measured on a
@@ -155,10 +155,11 @@ def middle_half(times: list[float]) -> list[float]:
     """The middle half of ``times`` (sorted; all of them when fewer than 4), whose mean
     MetaSchedule, the baseline and the estimate then take. Single calls now and then
     meet a page fault, an interrupt or a neighbour's burst that the model's median run
-    does not: on the 2-core Emerald Rapids, the built-in Xception's untuned kernels
-    timed rotated summed to 1.047x the model's median run at batch 1 with the mean of 10
-    calls, 1.009x with their median (batch 8, a noisy hour: 1.045x and 0.997x of the
-    kernels' in-model sum)."""
+    does not. Measured on the 2-core Emerald Rapids (AVX-512): the plain mean of ten
+    rotated calls summed the untuned Xception's kernels to 46.8-48.8 ms per round, the
+    middle half to 44.7, against 46.2 ms end to end; the shipped log's batch-8 tune
+    estimated 444 ms for the untuned model (355 measured) with the plain mean, 376 with
+    the middle half (356-380 measured that hour)."""
     if len(times) < 4:
         return list(times)
     ordered = sorted(times)
