@@ -42,6 +42,10 @@ class Preset:
     # estimated from (vector_bits / 32 lanes x 2 FLOPs x fma_units x cores x clock).
     vector_bits: int = 0
     fma_units: int = 0
+    # CPU presets: the largest feature map (bytes, at the model's batch) the layers may
+    # hold at once; layers with larger maps run on slices of the batch
+    # (``xcompile.batch_tiling``). 0: never sliced.
+    tile_batch_bytes: int = 0
 
     @property
     def device_kind(self) -> Device:
@@ -88,6 +92,11 @@ def _cuda(sm: str, gpus: str) -> Preset:
     )
 
 
+# x86: feature maps up to 24 MiB at the model's batch run whole; the layers with larger
+# ones run on slices of the batch (see ``xcompile.batch_tiling``). Xception's largest map
+# is 11 MB an image (147x147x128), so batch 2 runs whole and batch 8 in slices of 2.
+_TILE_BATCH_BYTES = 24 << 20
+
 # The CPU presets in the order ``host`` prefers them: the widest vectors first.
 _TABLE = [
     Preset("x86-avx512", "x86-64 with AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and newer)",
@@ -101,11 +110,12 @@ _TABLE = [
            cpu_flags=frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}),
            # Two 512-bit FMA pipes: Xeon Scalable (Gold/Platinum), Sapphire Rapids, Zen 5
            # (Zen 4 runs 512-bit FMAs as two halves: half this peak).
-           vector_bits=512, fma_units=2),
+           vector_bits=512, fma_units=2, tile_batch_bytes=_TILE_BATCH_BYTES),
     Preset("x86-avx2", "x86-64 with AVX2 + FMA (Haswell, Zen 1-3 and newer)",
            family="x86", device="cpu", arch="x86_64",
            target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"},
-           cpu_flags=frozenset({"avx2", "fma"}), vector_bits=256, fma_units=2),
+           cpu_flags=frozenset({"avx2", "fma"}), vector_bits=256, fma_units=2,
+           tile_batch_bytes=_TILE_BATCH_BYTES),
     Preset("arm64-neon", "64-bit ARM with NEON (Cortex-A53/A72/A76, Neoverse, Graviton)",
            family="arm", device="cpu", arch="aarch64",
            target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},

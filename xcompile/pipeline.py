@@ -68,8 +68,10 @@ def _lift_weights(mod):
 PRECISIONS = ("fp32", "fp16")
 
 
-def graph_passes(layout: dict | None, precision: str = "fp32"):
-    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied.
+def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes: int = 0):
+    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied
+    and the layers holding maps over ``tile_batch_bytes`` run on slices of the batch
+    (``batch_tiling``; 0: never).
 
     ``fp16``: mixed precision (Relax's ToMixedPrecision): convolutions and matmuls take
     float16 operands and accumulate in float32, the model's inputs and outputs stay
@@ -80,13 +82,14 @@ def graph_passes(layout: dict | None, precision: str = "fp32"):
     from tvm import relax
 
     from xcompile.batch_norm_folding import fold_batch_norm
+    from xcompile.batch_tiling import tile_batch
     from xcompile.clip_recovery import recover_clip
     from xcompile.leaky_relu import rewrite_leaky_relu
 
     t = relax.transform
     passes = [fold_batch_norm(), recover_clip(), rewrite_leaky_relu(),
               t.DecomposeOpsForInference(),
-              t.CanonicalizeBindings()]
+              t.CanonicalizeBindings(), tile_batch(tile_batch_bytes)]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
     if precision == "fp16":
@@ -181,7 +184,8 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
     with preset.tvm_target():
-        mod = graph_passes(layout, precision)(mod)
+        mod = graph_passes(layout, precision,
+                           preset.tile_batch_bytes if custom_schedules else 0)(mod)
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes(custom_schedules
                               and preset.device_kind.scalar_transcendentals)(mod)

@@ -1,0 +1,233 @@
+"""Graph pass: the layers whose feature maps are too large for the caches at the model's
+batch run on slices of the batch, one after another, and the rest at the whole batch.
+
+At batch 8, Xception's entry flow holds 88 MB feature maps (147x147x128): every layer
+there reads its input from memory and writes its output to lines that are not in any
+cache (the write first reads them), where at batch 1 the same layers find their 11 MB
+maps in the last-level cache. The model at batch 8 ran 1.02x as long as eight runs at
+batch 1 (355 against 8 x 43.4 ms on the 2-core Emerald Rapids), while the middle and exit
+flows (19x19 and 10x10 maps) gain from the whole batch: their GEMMs get 8x the rows.
+
+``main`` is cut where one activation alone carries everything later layers read (the end
+of an entry-flow block: a dominator of the graph's output), at the first such place after
+the last map larger than ``max_bytes`` at the whole batch. The bindings before the cut are
+emitted once per slice of the batch, on ``strided_slice`` of the input (the weights and
+what is computed from them alone are shared), and the slices' cut values are
+concatenated along the batch. The slice is the largest divisor of the batch whose maps
+stay within ``max_bytes``. Every re-emitted operator must infer the sliced shape (the
+original's with the batch replaced); where one does not (a reshape that spells the batch
+out), the module is left as it was.
+
+Measured on that machine, legacy_xception at batch 8 with the x86 presets' 24 MiB (the
+layers up to block 3's 19x19x728 output on 4 slices of 2 images), interleaved in one
+process: 0.978x and 0.979x as long untuned, 0.989x and 0.992x with the shipped log
+(whose batch-8 results for the entry flow no longer apply); peak resident memory 521 ->
+433 MiB. Slices of 1 or 4 images measured the same within the host's noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+
+def tile_batch(max_bytes: int):
+    """The pass (see the module docstring); a no-op when ``max_bytes`` is 0, at batch 1,
+    or when no cut or slice qualifies."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="xcompile.TileBatch")
+    def _pass(mod, _ctx):
+        if not max_bytes or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        func = mod["main"]
+        if not isinstance(func, relax.Function):
+            return mod
+        tiled = _tile(func, max_bytes)
+        if tiled is None:
+            return mod
+        mod = tvm.IRModule(dict(mod.functions_items()))
+        mod["main"] = tiled
+        return mod
+
+    return _pass
+
+
+def _static_shape(ty) -> list[int] | None:
+    """The dimensions of a tensor type with a static shape, else None."""
+    from tvm import relax
+
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return [int(d) for d in ty.shape.values]
+    except (TypeError, ValueError, AttributeError):  # a symbolic dimension
+        return None
+
+
+def _nbytes(ty) -> int:
+    """Bytes of a tensor with a static shape (0 for anything else)."""
+    import numpy as np
+
+    shape = _static_shape(ty)
+    return 0 if shape is None else math.prod(shape) * np.dtype(str(ty.dtype)).itemsize
+
+
+def _vars_in(expr) -> list:
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(
+        expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
+    return found
+
+
+def _plan(func, max_bytes: int):
+    """(the bindings of ``main``'s dataflow block, the set of activation variables, the
+    index of the cut binding, the slice size, the batch), or None."""
+    from tvm import relax
+
+    body = func.body
+    if (not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1
+            or not isinstance(body.blocks[0], relax.DataflowBlock) or not func.params):
+        return None
+    bindings = list(body.blocks[0].bindings)
+    if any(not isinstance(b, relax.VarBinding) for b in bindings):
+        return None
+    x = func.params[0]
+    shape = _static_shape(x.ty)
+    if shape is None or len(shape) < 2 or shape[0] < 2:
+        return None
+    batch = shape[0]
+    # Which bindings depend on the input (activations), and where each is last read.
+    activation = {x}
+    last_use: dict = {}
+    for i, b in enumerate(bindings):
+        used = _vars_in(b.value)
+        for v in used:
+            last_use[v] = i
+        if any(v in activation for v in used):
+            activation.add(b.var)
+    for v in _vars_in(body.body):
+        last_use[v] = len(bindings)
+    large = [i for i, b in enumerate(bindings) if b.var in activation
+             and _nbytes(b.var.ty) > max_bytes]
+    if not large:
+        return None
+    live: set = set()
+    cut = None
+    for i, b in enumerate(bindings):
+        live = {v for v in live if last_use.get(v, -1) > i}
+        if b.var in activation and last_use.get(b.var, -1) > i:
+            live.add(b.var)
+        if i >= large[-1] and live == {b.var}:
+            cut = i
+            break
+    if cut is None or cut == len(bindings) - 1:
+        return None  # no single activation carries the rest (or the cut is the output)
+    if any(not isinstance(b.var, relax.DataflowVar) for b in bindings[:cut + 1]):
+        return None  # an output of the block before the cut: it would be sliced
+    biggest = max(_nbytes(b.var.ty) for b in bindings[:cut + 1]
+                  if b.var in activation)
+    slices = [m for m in range(batch - 1, 0, -1)
+              if batch % m == 0 and biggest * m // batch <= max_bytes]
+    if not slices:
+        return None
+    return bindings, activation, cut, slices[0], batch
+
+
+def _substitute(expr, env: dict):
+    """``expr`` with the variables in ``env`` replaced (calls, tuples, tuple items)."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        return env.get(expr, expr)
+    if isinstance(expr, relax.Call):
+        return relax.Call(expr.op, [_substitute(a, env) for a in expr.args], expr.attrs,
+                          expr.ty_args)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([_substitute(f, env) for f in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(_substitute(expr.tuple_value, env), expr.index)
+    if isinstance(expr, relax.ShapeExpr):
+        # A new node: the block builder's normalizer annotates the shapes it meets in
+        # place, and this one still belongs to the original function.
+        return relax.ShapeExpr(list(expr.values))
+    if not _vars_in(expr):  # a constant, a value: nothing to replace
+        return expr
+    raise _Declined(f"{type(expr).__name__} binding")
+
+
+class _Declined(Exception):
+    """The graph cannot be sliced (an operator does not follow the batch)."""
+
+
+def _follows_the_batch(bindings, activation, cut: int, x, m: int, batch: int) -> bool:
+    """Whether every activation before the cut, computed on a slice of ``m`` images,
+    has the original's shape with the batch replaced (checked by type inference alone,
+    on stand-in variables, before anything is emitted)."""
+    from tvm import relax
+
+    scratch = relax.BlockBuilder()
+    shape = _static_shape(x.ty)
+    env = {x: relax.Var("slice", relax.TensorType([m] + shape[1:], x.ty.dtype))}
+    for b in bindings[:cut + 1]:
+        if b.var not in activation:
+            continue
+        want = _static_shape(b.var.ty)
+        try:
+            got = _static_shape(scratch.normalize(_substitute(b.value, env)).ty)
+        except (_Declined, ValueError, TypeError, RuntimeError) as e:  # TVM's errors too
+            log.debug("batch tiling declined at %s: %s", b.var, e)
+            return False
+        if want is None or want[0] != batch or got != [m] + want[1:]:
+            log.debug("batch tiling declined at %s: %s for a slice of %s", b.var, got, want)
+            return False
+        env[b.var] = relax.Var("sliced", relax.TensorType(got, b.var.ty.dtype))
+    return True
+
+
+def _tile(func, max_bytes: int):
+    """``func`` with its large-map layers on slices of the batch, or None."""
+    from tvm import relax
+
+    plan = _plan(func, max_bytes)
+    if plan is None:
+        return None
+    bindings, activation, cut, m, batch = plan
+    x = func.params[0]
+    if not _follows_the_batch(bindings, activation, cut, x, m, batch):
+        return None
+    bb = relax.BlockBuilder()
+    attrs = dict(func.attrs.items()) if func.attrs is not None else None
+    with bb.function("main", list(func.params), attrs=attrs, pure=func.is_pure):
+        with bb.dataflow():
+            env: dict = {}
+            # What the prefix computes from weights alone, once, for every slice.
+            for b in bindings[:cut + 1]:
+                if b.var not in activation:
+                    env[b.var] = bb.emit(_substitute(b.value, env))
+            parts = []
+            for s in range(batch // m):
+                local = dict(env)
+                local[x] = bb.emit(relax.op.strided_slice(x, axes=[0], begin=[s * m],
+                                                          end=[(s + 1) * m]))
+                for b in bindings[:cut + 1]:
+                    if b.var in activation:
+                        local[b.var] = bb.emit(_substitute(b.value, local))
+                parts.append(local[bindings[cut].var])
+            env[bindings[cut].var] = bb.emit(relax.op.concat(parts, axis=0))
+            for b in bindings[cut + 1:]:
+                value = _substitute(b.value, env)
+                if isinstance(b.var, relax.DataflowVar):
+                    env[b.var] = bb.emit(value)
+                else:
+                    env[b.var] = bb.emit_output(value)
+        bb.emit_func_output(_substitute(func.body.body, env))
+    log.info("batch %d: the layers up to the %s map %s run on %d slices of %d images",
+             batch, "x".join(map(str, _static_shape(bindings[cut].var.ty))), bindings[cut].var,
+             batch // m, m)
+    return bb.get()["main"]
