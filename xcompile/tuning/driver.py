@@ -347,6 +347,13 @@ def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opt
         best = [*timed, *([recs[0].seconds * 1e3] if recs else [])]
         entry["best_ms"] = min(best) if best else None
         entry["tuned"] = entry.get("tuned", False) or t.name in names
+    # Tasks an earlier lowering of this model made and this one does not (a compiler
+    # change, such as the batch tiling, split or renamed its kernels) no longer count
+    # toward its estimate.
+    current = {hashes[t.name] for t in all_tasks}
+    for h, entry in manifest["tasks"].items():
+        if h not in current and model in entry.get("models", []):
+            entry["models"].remove(model)
     seconds = time.perf_counter() - started
     manifest["trials"] = (sum(len(r) for r in records.values())
                           + sum(len(e.get("configs", {})) for e in manifest["tasks"].values()))
