@@ -21,8 +21,9 @@ out), the module is left as it was.
 Measured on that machine, legacy_xception at batch 8 with the x86 presets' 24 MiB (the
 layers up to block 3's 19x19x728 output on 4 slices of 2 images), interleaved in one
 process: 0.978x and 0.979x as long untuned, 0.989x and 0.992x with the shipped log
-(whose batch-8 results for the entry flow no longer apply); peak resident memory 521 ->
-433 MiB. Slices of 1 or 4 images measured the same within the host's noise.
+(whose batch-8 results for the entry flow no longer apply); peak resident memory
+(``bench --memory``) 410 -> 323 MiB. Slices of 1 or 4 images measured the same within the
+host's noise.
 """
 
 from __future__ import annotations
