@@ -113,8 +113,8 @@ def test_pass_slices_a_graph_it_can_and_leaves_the_others():
     assert tile_batch(4 * map_bytes)(ok)["main"].same_as(ok["main"])
     assert tile_batch(map_bytes - 1)(ok)["main"].same_as(ok["main"])
     assert tile_batch(0)(ok)["main"].same_as(ok["main"])
-    # A reshape that names the batch cannot take a slice; an input read at the very end
-    # leaves no place to cut.
+    # A reshape that names the batch cannot take a slice; a prefix activation read by
+    # the output itself leaves no place to cut.
     for mod in (_module(4, True, False), _module(4, False, True)):
         assert tile_batch(2 * map_bytes)(mod)["main"].same_as(mod["main"])
 

@@ -29,7 +29,8 @@ host's noise.
 from __future__ import annotations
 
 import logging
-import math
+
+from xcompile.frontend import static_shape, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +58,6 @@ def tile_batch(max_bytes: int):
     return _pass
 
 
-def _static_shape(ty) -> list[int] | None:
-    """The dimensions of a tensor type with a static shape, else None."""
-    from tvm import relax
-
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return [int(d) for d in ty.shape.values]
-    except (TypeError, ValueError, AttributeError):  # a symbolic dimension
-        return None
-
-
-def _nbytes(ty) -> int:
-    """Bytes of a tensor with a static shape (0 for anything else)."""
-    import numpy as np
-
-    shape = _static_shape(ty)
-    return 0 if shape is None else math.prod(shape) * np.dtype(str(ty.dtype)).itemsize
-
-
 def _vars_in(expr) -> list:
     from tvm import relax
 
@@ -99,7 +80,7 @@ def _plan(func, max_bytes: int):
     if any(not isinstance(b, relax.VarBinding) for b in bindings):
         return None
     x = func.params[0]
-    shape = _static_shape(x.ty)
+    shape = static_shape(x.ty)
     if shape is None or len(shape) < 2 or shape[0] < 2:
         return None
     batch = shape[0]
@@ -115,7 +96,7 @@ def _plan(func, max_bytes: int):
     for v in _vars_in(body.body):
         last_use[v] = len(bindings)
     large = [i for i, b in enumerate(bindings) if b.var in activation
-             and _nbytes(b.var.ty) > max_bytes]
+             and tensor_bytes(b.var.ty) > max_bytes]
     if not large:
         return None
     live: set = set()
@@ -131,7 +112,7 @@ def _plan(func, max_bytes: int):
         return None  # no single activation carries the rest (or the cut is the output)
     if any(not isinstance(b.var, relax.DataflowVar) for b in bindings[:cut + 1]):
         return None  # an output of the block before the cut: it would be sliced
-    biggest = max(_nbytes(b.var.ty) for b in bindings[:cut + 1]
+    biggest = max(tensor_bytes(b.var.ty) for b in bindings[:cut + 1]
                   if b.var in activation)
     slices = [m for m in range(batch - 1, 0, -1)
               if batch % m == 0 and biggest * m // batch <= max_bytes]
@@ -173,14 +154,14 @@ def _follows_the_batch(bindings, activation, cut: int, x, m: int, batch: int) ->
     from tvm import relax
 
     scratch = relax.BlockBuilder()
-    shape = _static_shape(x.ty)
+    shape = static_shape(x.ty)
     env = {x: relax.Var("slice", relax.TensorType([m] + shape[1:], x.ty.dtype))}
     for b in bindings[:cut + 1]:
         if b.var not in activation:
             continue
-        want = _static_shape(b.var.ty)
+        want = static_shape(b.var.ty)
         try:
-            got = _static_shape(scratch.normalize(_substitute(b.value, env)).ty)
+            got = static_shape(scratch.normalize(_substitute(b.value, env)).ty)
         except (_Declined, ValueError, TypeError, RuntimeError) as e:  # TVM's errors too
             log.debug("batch tiling declined at %s: %s", b.var, e)
             return False
@@ -229,6 +210,6 @@ def _tile(func, max_bytes: int):
                     env[b.var] = bb.emit_output(value)
         bb.emit_func_output(_substitute(func.body.body, env))
     log.info("batch %d: the layers up to the %s map %s run on %d slices of %d images",
-             batch, "x".join(map(str, _static_shape(bindings[cut].var.ty))), bindings[cut].var,
+             batch, "x".join(map(str, static_shape(bindings[cut].var.ty))), bindings[cut].var,
              batch // m, m)
     return bb.get()["main"]

@@ -177,31 +177,42 @@ def import_onnx(model, batch: int | None = None, source: str = "model") -> Impor
     return ImportedModel(mod, weights, param_names, inp, outputs)
 
 
-def peak_activation_bytes(imported: ImportedModel) -> int:
-    """A lower bound of the memory ``main`` needs for activations: the largest sum of
-    one call's result and tensor arguments (weights excluded)."""
+def static_shape(ty) -> list[int] | None:
+    """The dimensions of a Relax tensor type with a static shape; None for any other
+    type (a tuple, an unknown shape, a symbolic dimension)."""
+    from tvm import relax
+
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return [int(v) for v in ty.shape.values]
+    except (TypeError, ValueError, AttributeError):  # a symbolic dimension
+        return None
+
+
+def tensor_bytes(ty) -> int:
+    """Bytes of a Relax tensor type with a static shape (0 for any other type)."""
     import math
 
     import numpy as np
+
+    shape = static_shape(ty)
+    return 0 if shape is None else math.prod(shape) * np.dtype(str(ty.dtype)).itemsize
+
+
+def peak_activation_bytes(imported: ImportedModel) -> int:
+    """A lower bound of the memory ``main`` needs for activations: the largest sum of
+    one call's result and tensor arguments (weights excluded)."""
     from tvm import relax
 
     weights = set(imported.mod["main"].params[1:])
-
-    def nbytes(ty) -> int:
-        if not isinstance(ty, relax.TensorType) or ty.shape is None:
-            return 0
-        try:
-            dims = [int(v) for v in ty.shape.values]
-        except (TypeError, ValueError):  # a symbolic dimension
-            return 0
-        return math.prod(dims) * np.dtype(str(ty.dtype)).itemsize
-
     peak = imported.input.nbytes
     for block in imported.mod["main"].body.blocks:
         for binding in block.bindings:
             value = binding.value
             args = value.args if isinstance(value, relax.Call) else []
-            live = nbytes(binding.var.ty) + sum(
-                nbytes(a.ty) for a in args if isinstance(a, relax.Var) and a not in weights)
+            live = tensor_bytes(binding.var.ty) + sum(
+                tensor_bytes(a.ty) for a in args
+                if isinstance(a, relax.Var) and a not in weights)
             peak = max(peak, live)
     return peak
