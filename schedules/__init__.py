@@ -17,12 +17,12 @@ from .registry import (UNSCHEDULED, annotate_work, apply_rules, baseline_rules_f
                        with_work_of, without_work)
 from .intrinsics import register_tensor_intrinsics
 from .finish import finish_kernels
-from .rule import LAYOUT_REWRITE
+from .rule import LAYOUT_REWRITE, config_json_key
 
 from . import cpu, cuda  # noqa: E402,F401  (the families: importing one registers its rules)
 
 __all__ = ["LAYOUT_REWRITE", "UNSCHEDULED", "annotate_work", "apply_rules",
-           "baseline_rules_for", "finish_kernels", "fuses_separable", "kernel_rules",
+           "baseline_rules_for", "config_json_key", "finish_kernels", "fuses_separable", "kernel_rules",
            "kernel_work", "layout_for", "register", "register_baseline", "register_layout",
            "register_separable_fusion", "register_tensor_intrinsics", "rule_name",
            "rules_by_name", "rules_for", "separable_rule", "tag_scheduled", "with_work_of",

@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
 
 
+def config_json_key(config_json) -> str:
+    """A configuration's key in tuning logs: its JSON, keys sorted."""
+    import json
+
+    return json.dumps(config_json, sort_keys=True)
+
+
 class ConfigRule:
     """Base class: subclasses define ``name``, ``match``, ``configs`` and ``schedule``;
     ``config_type`` is the (dataclass) type of their configurations, None when a rule
@@ -32,9 +39,25 @@ class ConfigRule:
     config_type = None
 
     def config_to_json(self, config) -> dict | None:
-        from dataclasses import asdict
+        """The configuration as JSON, without the fields its type lists in
+        ``OMITTED_AT_DEFAULT`` where they hold their default: fields added after tuning
+        logs were written, so that what those logs timed keeps its key."""
+        from dataclasses import asdict, fields
 
-        return asdict(config) if config is not None else None
+        if config is None:
+            return None
+        data = asdict(config)
+        omitted = getattr(type(config), "OMITTED_AT_DEFAULT", ())
+        for f in fields(config):
+            if f.name in omitted and data[f.name] == f.default:
+                del data[f.name]
+        return data
+
+    def default_config_key(self, func, target) -> str | None:
+        """The JSON key (``config_json_key``) of the configuration ``apply`` uses for
+        ``func``, or None where the rule does not match or has no configurations."""
+        configs = self.all_configs(func, target)
+        return config_json_key(self.config_to_json(configs[0])) if configs else None
 
     def config_from_json(self, data: dict | None):
         return self.config_type(**data) if self.config_type and data is not None else None

@@ -315,19 +315,22 @@ def test_tiles_prefetch_the_next_weight_panel():
 
 
 def test_prefetching_tiles_compute_the_same_and_prefetch():
-    """The default schedule of a pointwise conv with a deep reduction, built as a build
-    builds it, gives the unscheduled result, and its machine code prefetches (into L2 on
-    x86)."""
+    """The default schedule of a pointwise conv with a deep reduction and weights too
+    large to run tile-major, built as a build builds it, gives the unscheduled result,
+    and its machine code prefetches (into L2 on x86)."""
     from tvm import s_tir
 
     from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.conv_gemm import TILE_MAJOR_MAX_BYTES
     from xcompile.schedules.cpu.target_info import cpu_info
 
-    func = conv_kernel(cin=256, cout=96, size=9)
+    cin = 256
+    cout = TILE_MAJOR_MAX_BYTES // (4 * cin) + 16  # weights just over the limit
+    func = conv_kernel(cin=cin, cout=cout, size=5)
     sch = s_tir.Schedule(func)
     conv = match_conv2d_nhwc(sch)
     config = PackedConvGEMM().configs(conv, HOST.tvm_target())[0]
-    assert config.prefetch > 1
+    assert not config.tile_major and config.prefetch > 1
     PackedConvGEMM._schedule(sch, conv, config, cpu_info(HOST.tvm_target()).lanes)
     assert_computes_the_same(func, sch.mod["main"])
     assert "prefetcht1" in _asm(func, "x86-avx2")
@@ -404,6 +407,77 @@ def test_in_place_prefetching_tiles_at_batch_2_compute_the_same(groups):
     config = PackedConvGEMM().configs(conv, HOST.tvm_target())[0]
     config = replace(config, groups=groups, mb=2, direct=True, prefetch=2)
     PackedConvGEMM._schedule(sch, conv, config, lanes)
+    assert_computes_the_same(func, sch.mod["main"])
+
+
+def test_small_weights_run_tile_major():
+    """Where all the weights fit TILE_MAJOR_MAX_BYTES, each tile runs through every
+    weight panel by default (no panel prefetch then), and the tuner also times the other
+    order, with the prefetch; larger weights the other way round. The limit, not this
+    host, decides."""
+    from xcompile.schedules.cpu.conv_gemm import TILE_MAJOR_MAX_BYTES, gemm_configs
+
+    def configs(depth, channels):
+        return gemm_configs(147 * 147, channels, 16, 32, 2, depth, direct=True)
+
+    small = configs(128, 128)  # Xception's entry flow: 64 KB of weights
+    assert 128 * 128 * 4 <= TILE_MAJOR_MAX_BYTES
+    assert small[0].tile_major and small[0].prefetch == 0
+    assert all(c.prefetch == 0 for c in small if c.tile_major)
+    assert any(not c.tile_major for c in small)
+    depth = 728
+    channels = TILE_MAJOR_MAX_BYTES // (4 * depth) + 16
+    large = configs(depth, channels)
+    assert not large[0].tile_major and large[0].prefetch > 1
+    assert any(c.tile_major and c.prefetch == 0 for c in large)
+
+
+def test_configurations_keep_the_keys_older_logs_timed():
+    """A field added to the GEMM configuration after logs were shipped is left out of
+    its JSON at its default, so a configuration an older log timed has the same key
+    (this one, as the shipped x86-avx512 log wrote it), and reads back the same."""
+    from dataclasses import replace
+
+    from xcompile.schedules import config_json_key
+    from xcompile.schedules.cpu.conv_gemm import GEMMTile
+
+    rule = PackedConvGEMM()
+    config = GEMMTile(mr=14, nu=2, mb=13, groups=1, streams=4, prefetch=7, direct=True)
+    assert config_json_key(rule.config_to_json(config)) == (
+        '{"direct": true, "groups": 1, "mb": 13, "mr": 14, "nu": 2, "prefetch": 7, '
+        '"streams": 4}')
+    assert rule.config_from_json(rule.config_to_json(config)) == config
+    major = replace(config, tile_major=True, prefetch=0)
+    assert rule.config_to_json(major)["tile_major"] is True
+    assert rule.config_from_json(rule.config_to_json(major)) == major
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("direct", [True, False], ids=["in-place", "packed"])
+def test_tile_major_tiles_compute_the_same(groups, direct):
+    """Each tile through every weight panel, in one or two channel groups, the input
+    rows in place or packed, rows and channels padded (169 rows, 40 channels): the
+    unscheduled result."""
+    from dataclasses import replace
+
+    from tvm import s_tir
+
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    func = conv_kernel(cin=64, cout=40 * groups, size=13)
+    sch = s_tir.Schedule(func)
+    conv = match_conv2d_nhwc(sch)
+    config = PackedConvGEMM().configs(conv, HOST.tvm_target())[0]
+    config = replace(config, groups=groups, mb=2, direct=direct, tile_major=True,
+                     prefetch=0)
+    PackedConvGEMM._schedule(sch, conv, config, cpu_info(HOST.tvm_target()).lanes)
+    # The loop over a chunk's tiles (rows: ax0, split into chunk, tile, row) outside the
+    # loop over the weight panels (channels: ax1, split into [group,] panel, vector, lane).
+    loops = [str(sch.get(loop).loop_var) for loop in sch.get_loops(conv.block)]
+    rows = [v for v in loops if v.startswith("ax0")]
+    channels = [v for v in loops if v.startswith("ax1")]
+    assert len(rows) == 3 and loops.index(rows[1]) < loops.index(channels[-3])
     assert_computes_the_same(func, sch.mod["main"])
 
 

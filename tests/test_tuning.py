@@ -209,6 +209,15 @@ def _edit_manifest(logs: Path, fn) -> None:
     path.write_text(json.dumps(m))
 
 
+def _make_another_config_win(entry: dict) -> None:
+    """Rig a log entry: a configuration other than the default timed fastest by far."""
+    configs = entry["configs"]
+    other = next(k for k in configs if k != entry["default_config"])
+    for k in configs:
+        configs[k] = 1.0
+    configs[other] = 1e-6
+
+
 def test_tuned_config_and_record_apply_and_verify(tuned, mobile_onnx, names, tmp_path):
     """Force each kind of result to win: a non-default configuration of our rule on the
     pointwise task, a MetaSchedule record on the depthwise one. Both builds must match
@@ -218,11 +227,7 @@ def test_tuned_config_and_record_apply_and_verify(tuned, mobile_onnx, names, tmp
     def rig(m):
         for t in m["tasks"].values():
             if t["name"] == names["pointwise"]:
-                configs = t["configs"]
-                other = next(k for k in configs if k != t["default_config"])
-                for k in configs:
-                    configs[k] = 1.0
-                configs[other] = 1e-6
+                _make_another_config_win(t)
             if t["name"] == names["depthwise"]:
                 t["baseline_ms"] = 1e3
                 t["configs"] = {k: 1e3 for k in t["configs"]}
@@ -391,6 +396,40 @@ def test_slower_results_never_replace_our_schedule(tuned, mobile_onnx, names, tm
     m = _build_verify(mobile_onnx, logs, tmp_path / "b")
     assert m["tuning"]["applied"] == {}
     assert not any("tuned" in k["rule"] for k in m["kernels"])
+
+
+def test_results_timed_against_another_default_wait_for_a_retune(tuned, mobile_onnx, names,
+                                                                  regex, tmp_path):
+    """A log whose entry timed another default configuration than our rule's default
+    now (the rule changed since): a build gives that kernel the new default and says so,
+    though a result beat the old one; a rerun of the tune times the new default (the
+    entry's other results stay) and the build applies the log again."""
+    logs = _copy(tuned[0], tmp_path)
+    old_default = '{"a default": "the rule no longer has"}'
+
+    def rig(m):
+        for t in m["tasks"].values():
+            if t["name"] == names["pointwise"]:
+                _make_another_config_win(t)
+                t["default_config"] = old_default
+                t["configs"][old_default] = t["baseline_ms"] = 2.0
+
+    _edit_manifest(logs, rig)
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b1")
+    assert m["tuning"]["stale_default"] == [names["pointwise"]]
+    assert names["pointwise"] not in m["tuning"]["applied"]
+    assert "our default schedule of 1 kernels changed" in m["_stderr"]
+    proc = run_cli("tune", "--no-validate", "--model", str(mobile_onnx), "--trials",
+                   str(TRIALS), "--tasks", regex, "--log-dir", str(logs))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entry = next(t for t in json.loads((logs / "host" / "tuning.json").read_text())[
+        "tasks"].values() if t["name"] == names["pointwise"])
+    assert entry["default_config"] != old_default
+    assert entry["baseline_ms"] == entry["configs"][entry["default_config"]] != 2.0
+    assert entry["configs"][old_default] == 2.0 and min(entry["configs"].values()) == 1e-6
+    m = _build_verify(mobile_onnx, logs, tmp_path / "b2")
+    assert m["tuning"]["stale_default"] == []
+    assert names["pointwise"] in m["tuning"]["applied"]
 
 
 def test_damaged_lines_are_skipped_with_a_warning(tuned, mobile_onnx, tmp_path):
@@ -580,6 +619,8 @@ def test_shipped_log_applies_to_the_model_it_was_tuned_for(preset, tmp_path):
     proc = run_cli("build", "--target", preset, "--tuning-log", str(folder), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
+    # In step with our rules: no default schedule changed since the log timed it.
+    assert m["tuning"]["stale_default"] == [], f"re-tune the shipped {preset} log"
     validation = log_folder.read_validation(folder)
     if validation is None:
         assert m["tuning"]["applied"], m["tuning"]

@@ -12,6 +12,9 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
   block that the pipeline lifts into the weight transform), so each panel is contiguous;
 - MR x NR accumulators stay in vector registers across the whole reduction; bias,
   activation and residual epilogues are fused into the write-back;
+- within a chunk, each weight panel runs through the chunk's tiles, the next panel
+  prefetched meanwhile; or, where all the weights fit in L2, each tile runs through every
+  panel (``GEMMTile.tile_major``), its input rows in L1 and its output rows written whole;
 - chunks of pixels run in parallel, sized so the thread count divides them; or, where
   the weights outweigh the pixels (the 10x10 exit-flow layers of Xception at batch 1),
   groups of output channels run in parallel, each over every pixel, so that each
@@ -24,6 +27,7 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from ..padded_rows import READ_LAST_ROW
 from ..prefetch import PREFETCH
@@ -186,7 +190,8 @@ class GEMMTile:
     """MR pixel rows x NU vectors of channels per register tile; MB tiles per chunk;
     ``groups`` groups of output channels in parallel (1: the chunks in parallel); the
     reduction over input channels as ``streams`` interleaved streams, in ``prefetch``
-    parts. (Logs written before ``streams`` existed read as 1: what they timed.)"""
+    parts; each tile through every weight panel (``tile_major``) or each panel through
+    every tile. (Logs written before ``streams`` existed read as 1: what they timed.)"""
 
     mr: int
     nu: int
@@ -199,6 +204,14 @@ class GEMMTile:
     # The tiles read the input rows where they lie, not a packed copy (1x1 stride-1 convs
     # without padding, ``Conv2DNHWC.rows_in_place``; see ``schedules.padded_rows``).
     direct: bool = False
+    # Each tile runs through every weight panel of its group before the next tile starts
+    # (its input rows stay in L1, its output rows are written whole), instead of each
+    # panel through every tile of the chunk (``tile_major``). No panel prefetch then.
+    tile_major: bool = False
+
+    # Written to tuning logs only where set: the configurations logs timed before it
+    # existed keep their keys (``ConfigRule.config_to_json``).
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("tile_major",)
 
 
 # Tiles read the input rows in place (``GEMMTile.direct``) only where the input is at
@@ -211,22 +224,46 @@ class GEMMTile:
 DIRECT_MAX_BYTES = 16 << 20
 
 
+# Tiles run through every weight panel (``GEMMTile.tile_major``) by default where all the
+# weights (input channels x window x output channels, float32) take at most this many
+# bytes: they stay in L2 while a tile's input rows stay in L1, and each output row is
+# written whole. Larger weights stream through L2 panel by panel, with the next panel
+# prefetched, as before. Measured on a 2-core Emerald Rapids (Xeon, CPUID model 207),
+# legacy_xception without a tuning log, interleaved in one process, against no kernel
+# tile-major: with this limit (its entry flow's 1x1 and 3x3 convs, up to the 745 KB of
+# 256 -> 728) batch 1 0.984x and 0.987x as long, batch 8 0.983x twice; 300 KB (without
+# the 256 -> 728 layers) 0.986x and 0.992x; 4 MiB (with the 3 MB 728 -> 1024) 1.041x and
+# 1.005x. Timed alone on warm caches: the 147x147 128 -> 128 conv 0.94x, 74x74
+# 256 -> 256 0.91x, 37x37 256 -> 728 0.89x (0.82x at batch 8), the 2.1 MB 728 -> 728 ones
+# 1.05x. The x86-avx2 preset's code on the same machine: 1.004x and 1.003x (neutral).
+TILE_MAJOR_MAX_BYTES = 1 << 20
+
+
+def tile_major(depth: int, window: int, channels: int) -> bool:
+    """Whether a GEMM's tiles run through every weight panel by default (see
+    TILE_MAJOR_MAX_BYTES)."""
+    return depth * window * channels * 4 <= TILE_MAJOR_MAX_BYTES
+
+
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                  cores: int, depth: int = 1, window: int = 1,
                  direct: bool = False) -> list[GEMMTile]:
     """The default tiling (``register_tile``, ``chunk_tiles``, ``depth_streams`` of the
-    ``depth`` input channels, ``prefetch_parts`` where the ``window`` is 1x1, the input
-    read in place where ``direct`` allows it) first, then the neighbourhood the tuner
-    measures: the other parallel split, the other stream counts, prefetch or none, a
-    packed input or none, and the other register tiles that fit (fewer rows, other widths)
-    with a few chunk sizes each."""
+    ``depth`` input channels, the tiles through every panel where ``tile_major`` says so
+    and otherwise ``prefetch_parts`` where the ``window`` is 1x1, the input read in place
+    where ``direct`` allows it) first, then the neighbourhood the tuner measures: the
+    other loop order, the other parallel split, the other stream counts, prefetch or
+    none, a packed input or none, and the other register tiles that fit (fewer rows,
+    other widths) with a few chunk sizes each."""
     mr, nu = register_tile(channels, lanes, registers, rows)
     streams = depth_streams(depth)
+    major = tile_major(depth, window, channels)
 
-    def parts(streams: int) -> int:
+    def parts(streams: int, major: bool = major) -> int:
         # A KxK window's reduction loops over the window outside the channels: its
-        # parts would prefetch the same lines once per window position.
-        return prefetch_parts(depth // streams) if window == 1 else 0
+        # parts would prefetch the same lines once per window position. Tiles that run
+        # through every panel have no next panel to prefetch.
+        return prefetch_parts(depth // streams) if window == 1 and not major else 0
 
     groups = column_groups(rows, channels, cores)
     # In place only where the rows fill a tile (the padded rows read guarded where they
@@ -234,12 +271,13 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
     # the input is small enough to come from the caches (DIRECT_MAX_BYTES).
     direct = direct and rows >= mr and rows * depth * 4 <= DIRECT_MAX_BYTES
     by_rows = GEMMTile(mr, nu, chunk_tiles(rows, mr, cores), 1, streams, parts(streams),
-                       direct)
+                       direct, major)
     by_columns = replace(by_rows, mb=chunk_tiles(rows, mr, 1), groups=cores)
     out = [by_columns, by_rows] if groups > 1 else [by_rows]
     if cores > 1 and groups == 1:
         out.append(by_columns)  # the alternative, for the tuner
     first = out[0]
+    out.append(replace(first, tile_major=not major, prefetch=parts(streams, not major)))
     if first.prefetch:
         out.append(replace(first, prefetch=0))
     if direct:
@@ -254,7 +292,8 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                 continue
             for mb in sorted({chunk_tiles(rows, mr, cores), 2, 4, 8, 16}):
                 if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
-                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams), direct)
+                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams), direct,
+                                      major)
                     if config not in out:
                         out.append(config)
     return out
@@ -355,7 +394,7 @@ class PackedConvGEMM(ConfigRule):
         if config.streams > 1:
             rs, rc = sch.split(rc, [config.streams, None])
         steps = conv.in_channels // config.streams
-        if config.prefetch > 1 and steps % config.prefetch == 0:
+        if config.prefetch > 1 and steps % config.prefetch == 0 and not config.tile_major:
             # The prefetch of the next weight panel goes at the top of each part
             # (``schedules.prefetch``), outside the loop that keeps the accumulators in
             # registers.
@@ -363,16 +402,16 @@ class PackedConvGEMM(ConfigRule):
         depth = [ry, rx, *([part] if part else []), rc, *([rs] if rs else [])]
         if groups > 1:
             cg, co, cu, cv = sch.split(c, [groups, None, nu, lanes])
-            sch.reorder(cg, mo, co, mt, *depth, mi, cu, cv)
         else:  # (the chunk loop outermost: SeparableConv computes its depthwise rows there)
-            co, cu, cv = sch.split(c, [None, nu, lanes])
-            sch.reorder(mo, co, mt, *depth, mi, cu, cv)
+            cg, (co, cu, cv) = None, sch.split(c, [None, nu, lanes])
+        tiles = [mt, co] if config.tile_major else [co, mt]
+        sch.reorder(*([cg] if cg else []), mo, *tiles, *depth, mi, cu, cv)
         if rs is not None:
             sch.unroll(rs)
         if part is not None:  # (the value: the weight panels a channel group runs through)
             sch.annotate(mt, PREFETCH, per_group // nr)
             sch.annotate(part, PREFETCH, per_group // nr)
-        sch.reverse_compute_at(wb, mt)
+        sch.reverse_compute_at(wb, tiles[-1])
         if config.direct and conv.rows_in_place:
             # The input rows where they lie: the padded rows' guarded reads become reads of
             # the last row (``schedules.padded_rows``; their results are dropped).

@@ -62,6 +62,9 @@ class TunedKernels:
         self.applied: dict[str, str] = {}  # kernel -> what scheduled it
         self.applied_workloads: dict[str, str] = {}  # kernel -> its workload hash
         self.kept: list[str] = []  # kernels whose default schedule was the fastest
+        # Kernels whose rule has another default schedule than the one the log timed:
+        # what the log knows of them was measured against that one (``stale_default``).
+        self.stale: list[str] = []
 
     @staticmethod
     def _candidates(entry: dict, records: list) -> list[tuple]:
@@ -87,6 +90,10 @@ class TunedKernels:
         if key in self.rejected:
             self.kept.append(name)
             return None
+        rule = self.rules.get(entry.get("rule"))
+        if stale_default(entry, rule, func, tvm_target()):
+            self.stale.append(name)
+            return None
         baseline = entry.get("baseline_ms")
         records = [r for r in self.records.get(key, [])
                    if baseline is None or r.seconds * 1e3 < baseline]
@@ -105,7 +112,6 @@ class TunedKernels:
                         return _same_symbol(tuned, func), TUNED_RULE
                 # No record replays: our fastest configuration, if any.
                 config = next(((ms, k) for ms, kind, k in cands if kind == "config"), None)
-        rule = self.rules.get(entry.get("rule"))
         if config is None or rule is None or config[1] == entry.get("default_config"):
             if entry:
                 self.kept.append(name)
@@ -150,6 +156,11 @@ class TunedKernels:
                     mod[gvar] = tag_scheduled(tuned, label)
             log.info("tuning log %s: %d kernels tuned, %d kept our schedule", self.folder,
                      len(self.applied), len(self.kept))
+            if self.stale:
+                log.warning("tuning log %s: our default schedule of %d kernels changed since "
+                            "it was tuned (%s); they get the new one; tune again to time "
+                            "them", self.folder, len(self.stale), ", ".join(self.stale[:4])
+                            + (", ..." if len(self.stale) > 4 else ""))
             return mod
 
         return _pass
@@ -158,7 +169,19 @@ class TunedKernels:
         """What a build manifest records about the log it applied."""
         return {"log": str(self.folder), "applied": dict(sorted(self.applied.items())),
                 "workloads": dict(sorted(self.applied_workloads.items())),
-                "kept_default": sorted(self.kept), "validated": self.validated}
+                "kept_default": sorted(self.kept), "stale_default": sorted(self.stale),
+                "validated": self.validated}
+
+
+def stale_default(entry: dict, rule, func, target) -> bool:
+    """Whether a log ``entry`` timed another default configuration of ``rule`` for
+    ``func`` than the rule's default now: its baseline, and the results that beat it,
+    were measured against a schedule the build no longer uses. (Entries of rules with
+    one schedule, or from before defaults were recorded, are taken as they are.)"""
+    timed = entry.get("default_config")
+    if timed is None or rule is None or not hasattr(rule, "default_config_key"):
+        return False
+    return rule.default_config_key(func, target) != timed
 
 
 def _same_symbol(tuned, func):

@@ -23,7 +23,7 @@ from xcompile.models import BuiltinSpec, resolve_model
 from xcompile.versions import versions
 
 from . import baseline, grid, log_folder, measure, progress, scheduler, space, tasks
-from .apply import workload_hash
+from .apply import stale_default, workload_hash
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +292,18 @@ def _context(task, rule, target):
 
 def _baselines(entries, all_tasks, hashes, rules, target, device, builder, runner) -> None:
     """Time our default schedule of every task not timed before (all of the model's
-    kernels: the model estimate needs them)."""
-    missing = [t for t in all_tasks if entries.get(hashes[t.name], {}).get("baseline_ms") is None]
+    kernels: the model estimate needs them), and again where the rule's default is no
+    longer the one the log timed (``stale_default``: the entry keeps its other results)."""
+    first = {t.name: space.first_rule(rules, t.mod["main"], target) for t in all_tasks}
+    missing = [t for t in all_tasks
+               if entries.get(hashes[t.name], {}).get("baseline_ms") is None
+               or stale_default(entries[hashes[t.name]], first[t.name], t.mod["main"], target)]
     if not missing:
         return
     log.info("timing our default schedules of %d kernels", len(missing))
     plans = []  # (rule name, config key or None, module)
     for t in missing:
-        rule = space.first_rule(rules, t.mod["main"], target)
+        rule = first[t.name]
         name = schedules.rule_name(rule) if rule is not None else None
         found = grid.candidates(t, rule, target, limit=1) if hasattr(rule, "all_configs") else []
         if found:
@@ -308,12 +312,12 @@ def _baselines(entries, all_tasks, hashes, rules, target, device, builder, runne
             plans.append((name, None, baseline.default_module(t, rule, target)))
     times = baseline.measure(builder, runner, [p[2] for p in plans], target, device)
     for t, (rule, key, _), ms_ in zip(missing, plans, times):
-        entry = {"name": t.name, "kind": t.kind, "calls": t.weight, "flops": t.flops,
-                 "rule": rule, "baseline_ms": ms_}
+        entry = entries.setdefault(hashes[t.name], {})
+        entry.update({"name": t.name, "kind": t.kind, "calls": t.weight, "flops": t.flops,
+                      "rule": rule, "baseline_ms": ms_})
         if key is not None:
             entry["default_config"] = key
-            entry["configs"] = {key: ms_}
-        entries[hashes[t.name]] = entry
+            entry.setdefault("configs", {})[key] = ms_
 
 
 def _best_ms(entries, all_tasks, hashes, records) -> dict[str, float]:

@@ -9,13 +9,9 @@ the log's manifest (``tasks[<workload>].configs``), next to MetaSchedule's recor
 
 from __future__ import annotations
 
-import json
+from xcompile.schedules import config_json_key
 
 from .baseline import measure, prepacked
-
-
-def config_key(config_json) -> str:
-    return json.dumps(config_json, sort_keys=True)
 
 
 def candidates(task, rule, target, skip=(), limit: int | None = None
@@ -30,7 +26,7 @@ def candidates(task, rule, target, skip=(), limit: int | None = None
     for config in rule.all_configs(func, target):
         if limit is not None and len(out) >= limit:
             break
-        key = config_key(rule.config_to_json(config))
+        key = config_json_key(rule.config_to_json(config))
         if key in skip:
             continue
         sch = rule.apply_config(func, target, config)
