@@ -58,15 +58,6 @@ def tile_batch(max_bytes: int):
     return _pass
 
 
-def _vars_in(expr) -> list:
-    from tvm import relax
-
-    found = []
-    relax.analysis.post_order_visit(
-        expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
-    return found
-
-
 def _plan(func, max_bytes: int):
     """(the bindings of ``main``'s dataflow block, the set of activation variables, the
     index of the cut binding, the slice size, the batch), or None."""
@@ -88,12 +79,12 @@ def _plan(func, max_bytes: int):
     activation = {x}
     last_use: dict = {}
     for i, b in enumerate(bindings):
-        used = _vars_in(b.value)
+        used = relax.analysis.free_vars(b.value)
         for v in used:
             last_use[v] = i
         if any(v in activation for v in used):
             activation.add(b.var)
-    for v in _vars_in(body.body):
+    for v in relax.analysis.free_vars(body.body):
         last_use[v] = len(bindings)
     large = [i for i, b in enumerate(bindings) if b.var in activation
              and tensor_bytes(b.var.ty) > max_bytes]
@@ -138,7 +129,7 @@ def _substitute(expr, env: dict):
         # A new node: the block builder's normalizer annotates the shapes it meets in
         # place, and this one still belongs to the original function.
         return relax.ShapeExpr(list(expr.values))
-    if not _vars_in(expr):  # a constant, a value: nothing to replace
+    if not relax.analysis.free_vars(expr):  # a constant, a value: nothing to replace
         return expr
     raise _Declined(f"{type(expr).__name__} binding")
 

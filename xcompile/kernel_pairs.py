@@ -38,23 +38,17 @@ def use_counts(func) -> dict:
     def add(var, n=1):
         counts[var] = counts.get(var, 0) + n
 
-    def each_var(expr):
-        seen = []
-        relax.analysis.post_order_visit(
-            expr, lambda e: seen.append(e) if isinstance(e, relax.Var) else None)
-        return seen
-
     for block in func.body.blocks:
         for binding in block.bindings:
             parts = call_tir_parts(binding.value)
             if parts is not None:
                 for arg in parts[1]:
-                    for var in each_var(arg):
+                    for var in relax.analysis.free_vars(arg):
                         add(var)
-            else:  # visits are memoized: a var counts once per binding here
-                for var in each_var(binding.value):
+            else:  # (free_vars lists each var once: it counts once per binding here)
+                for var in relax.analysis.free_vars(binding.value):
                     add(var)
-    for var in each_var(func.body.body):
+    for var in relax.analysis.free_vars(func.body.body):
         add(var)
     return counts
 
