@@ -94,6 +94,34 @@ print(2 * 1536 ** 3 / best / 1e9)
 """
 
 
+@pytest.mark.parametrize("preset_name", executable_cpu_presets())
+def test_fma_peak_kernel_computes_every_lane(preset_name):
+    """The peak kernel computes what it claims: every lane of every chain its own
+    recurrence from its own seed, in float32 FMA arithmetic (one rounding a step). A
+    kernel whose vector loop the compiler made scalar (one lane computed, its value
+    given to all: how TVM 0.27 compiled an index bound inside the vectorized loop)
+    fails on every element but one a chain."""
+    import tvm
+
+    from xcompile import fma_peak
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    preset = targets.resolve(preset_name)
+    cores = targets.host_cores()
+    target = {**preset.target, "num-cores": cores}
+    info = cpu_info(tvm.target.Target(target))
+    steps = 500
+    got = fma_peak.compute(target, info.lanes, info.registers, cores, steps)
+    # A float32 FMA: the float64 product of two float32 values is exact, the sum is
+    # rounded once, then to float32.
+    want = fma_peak.seeds(cores, info.lanes * fma_peak.chains(info.registers))
+    m, a = np.float64(np.float32(fma_peak.MULTIPLIER)), np.float64(np.float32(fma_peak.ADDEND))
+    for _ in range(steps):
+        want = (want.astype(np.float64) * m + a).astype(np.float32)
+    assert len(np.unique(want)) == want.size  # every lane its own value
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.timing
 @pytest.mark.parametrize("preset_name", executable_cpu_presets())
 def test_measured_fma_peak_is_a_ceiling(preset_name):

@@ -16,7 +16,10 @@ import time
 # Per-core accumulators: the register file less a few, which covers FMA latency x pipes
 # (4-5 x 2) on every x86 and ARM core we target.
 SPARE_REGISTERS = 4
-STEPS = 400_000  # FMA steps per chain per call: ~1.5 ms on a 2-core AVX-512 machine
+STEPS = 400_000  # FMA steps per chain per call: ~3 ms on a 2-core Zen 4
+# The recurrence: a contraction towards ADDEND / (1 - MULTIPLIER), finite for any steps.
+MULTIPLIER = 0.999999
+ADDEND = 1e-7
 
 
 def chains(registers: int) -> int:
@@ -26,7 +29,15 @@ def chains(registers: int) -> int:
 
 def _kernel(lanes: int, count: int, cores: int):
     """The PrimFunc: ``cores`` parallel iterations, each ``n`` steps of ``count``
-    independent ``lanes``-wide FMA chains, results stored (so nothing is dead code)."""
+    independent ``lanes``-wide FMA chains, ``acc = acc * M + A``, every lane starting
+    from its own value in ``out`` and ending there (so nothing is dead code).
+
+    Two things keep the chains vectors. The seeds differ per lane: from a splat LLVM
+    proves every lane equal and computes one. And the index is written out in each
+    access, not bound with a ``let`` inside the vectorized loop: TVM 0.27's vectorizer
+    read such an index as the last lane's, and the loop compiled to scalar FMAs (28
+    ``vfmadd213ss`` for 28 chains of 16 lanes; the "peak" was the scalar FMA rate x 16:
+    right by chance on a core with two 512-bit FMA pipes, twice the truth on a Zen 4)."""
     from tvm.script import tirx as T
 
     width = lanes * count
@@ -38,17 +49,38 @@ def _kernel(lanes: int, count: int, cores: int):
             acc = T.decl_buffer((width,), "float32", scope="local")
             for c in T.unroll(count):
                 for j in T.vectorized(lanes):
-                    acc[c * lanes + j] = T.float32(0)
+                    acc[c * lanes + j] = out[p, c * lanes + j]
             for _ in range(n):
                 for c in T.unroll(count):
                     for j in T.vectorized(lanes):
-                        i = c * lanes + j
-                        acc[i] = acc[i] * T.float32(0.999999) + T.float32(1e-7)
+                        acc[c * lanes + j] = acc[c * lanes + j] * T.float32(MULTIPLIER) \
+                            + T.float32(ADDEND)
             for c in T.unroll(count):
                 for j in T.vectorized(lanes):
                     out[p, c * lanes + j] = acc[c * lanes + j]
 
     return fma_peak
+
+
+def seeds(cores: int, width: int):
+    """Each lane's start value: all different, in (0, 1]."""
+    import numpy as np
+
+    return ((np.arange(cores * width, dtype=np.float32) + 1)
+            / np.float32(cores * width)).reshape(cores, width)
+
+
+def _compiled(target: dict, lanes: int, registers: int, cores: int):
+    """The kernel for ``target`` with the ``out`` array it starts from (its seeds)."""
+    import tvm
+
+    from xcompile import runtime
+
+    runtime.use_cores(cores)
+    count = chains(registers)
+    lib = tvm.compile(tvm.IRModule({"fma_peak": _kernel(lanes, count, cores)}),
+                      target=tvm.target.Target(target))
+    return lib["fma_peak"], tvm.runtime.tensor(seeds(cores, lanes * count))
 
 
 def can_compile() -> bool:
@@ -62,27 +94,24 @@ def can_compile() -> bool:
     return tvm_ffi.get_global_func("target.Target", allow_missing=True) is not None
 
 
+def compute(target: dict, lanes: int, registers: int, cores: int, steps: int):
+    """What the kernel leaves in ``out`` after ``steps`` steps from ``seeds``: a
+    ``(cores, lanes x chains)`` float32 array. Needs TVM's compiler."""
+    fn, out = _compiled(target, lanes, registers, cores)
+    fn(out, steps)
+    return out.numpy()
+
+
 def measure(target: dict, lanes: int, registers: int, cores: int,
             repeat: int = 7) -> float:
     """The best of ``repeat`` timed calls, in GFLOP/s, of the FMA kernel compiled for
     ``target`` (a TVM target dict) with ``lanes``-wide vectors on ``cores`` threads.
     Needs TVM's compiler (``can_compile``)."""
-    import numpy as np
-    import tvm
-
-    from xcompile import runtime
-
-    runtime.use_cores(cores)
-
-    count = chains(registers)
-    lib = tvm.compile(tvm.IRModule({"fma_peak": _kernel(lanes, count, cores)}),
-                      target=tvm.target.Target(target))
-    out = tvm.runtime.tensor(np.zeros((cores, lanes * count), "float32"))
-    fn = lib["fma_peak"]
+    fn, out = _compiled(target, lanes, registers, cores)
     fn(out, 100)  # warm up: thread pool started, code paged in
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
         fn(out, STEPS)
         best = min(best, time.perf_counter() - start)
-    return 2 * lanes * count * cores * STEPS / best / 1e9
+    return 2 * lanes * chains(registers) * cores * STEPS / best / 1e9
