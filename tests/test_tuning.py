@@ -111,6 +111,32 @@ def test_rotated_timing_reports_the_middle_half():
     assert middle_half([3.0, 1.0]) == [3.0, 1.0]
 
 
+def test_rotation_keeps_the_input_and_output_warm():
+    """Rotated timing gives every call its own weights and the same input and output
+    (the model's kernels find theirs warm): as many sets as the weights span the bytes
+    asked, capped; without rotation, or without weights, one set."""
+    import numpy as np
+    import tvm
+
+    from xcompile.tuning.measure import MAX_ROTATION, argument_sets
+
+    dev = tvm.cpu()
+    info = [["TENSOR", "float32", [1, 8, 4, 4]], ["TENSOR", "float32", [16, 8, 1, 1]],
+            ["TENSOR", "float32", [16]], ["TENSOR", "float32", [1, 16, 4, 4]]]
+    weight_bytes = (16 * 8 + 16) * 4
+    sets = argument_sets(info, 10 * weight_bytes + 1, dev)
+    assert len(sets) == 11
+    for s in sets:
+        assert len(s) == 4
+        assert s[0].same_as(sets[0][0]) and s[-1].same_as(sets[0][-1])
+    weights = [a for s in sets for a in s[1:-1]]
+    assert len({id(a) for a in weights}) == len(weights) == 22
+    assert not np.array_equal(sets[0][1].numpy(), sets[1][1].numpy())
+    assert len(argument_sets(info, 10 ** 12, dev)) == MAX_ROTATION
+    assert len(argument_sets(info, 0, dev)) == 1
+    assert len(argument_sets(info[:1] + info[-1:], 10 ** 9, dev)) == 1
+
+
 def test_tune_writes_a_valid_log(tuned, names):
     logs, proc = tuned
     folder = logs / "host"

@@ -46,8 +46,9 @@ VALIDATION = "validation.json"
 LOCK = ".lock"
 FORMAT = 1
 # How candidates were timed (measure.Evaluator): logs of one timing are not comparable
-# with another's. Manifests written before this field timed warm.
-TIMING_CPU = "rotated-weights"
+# with another's. Manifests written before this field timed warm; "rotated-weights"
+# (earlier logs, the shipped ones among them) rotated the outputs with the weights.
+TIMING_CPU = "rotated-weights-warm-output"
 TIMING_FLUSHED = "flushed"  # over RPC: TVM's CPU cache flush before each repeat
 TIMING_WARM = "warm"
 
