@@ -158,6 +158,16 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+def host_cpu() -> str:
+    """This machine's CPU model as LLVM names it (``znver4``, ``emeraldrapids``): what a
+    tuning log records its candidates were timed on. The best schedule differs by model
+    within one ISA (a Zen 4 runs 512-bit FMAs as two halves, an Emerald Rapids has two
+    full pipes). Needs TVM's compiler."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
 def runs_here(preset: Preset) -> bool:
     """Whether this machine executes ``preset``'s CPU code natively (its architecture,
     and every CPU feature the code uses)."""

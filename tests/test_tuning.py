@@ -143,6 +143,9 @@ def test_tune_writes_a_valid_log(tuned, names):
     manifest = json.loads((folder / "tuning.json").read_text())
     assert json.dumps(manifest["target"]["tvm"], sort_keys=True) == _host_key()
     assert manifest["versions"]["tvm"].startswith("0.27")
+    from xcompile import targets
+
+    assert manifest["cpu"] == targets.host_cpu()  # the CPU model the candidates ran on
     trials = _task_trials(manifest, {names["depthwise"], names["pointwise"]})
     # Both tasks got trials, and the budget held (MetaSchedule rounds up per task).
     assert all(n >= 2 for n in trials.values()), trials
@@ -502,6 +505,57 @@ def test_log_for_another_target_is_refused(tuned, mobile_onnx, regex, tmp_path):
     assert_one_line_error(proc, "tuned for target")
 
 
+def test_log_timed_on_another_cpu_model_is_refused(tuned, mobile_onnx, regex, tmp_path):
+    """A tune adds only to a log timed on this CPU model: another model's times do not
+    compare (one error line, the log untouched); a build still applies it."""
+    logs = _copy(tuned[0], tmp_path)
+    _edit_manifest(logs, lambda m: m.update({"cpu": "othercpu"}))
+    def files():  # (the lock file holds the pid of the last tune)
+        return {p.name: p.read_bytes() for p in (logs / "host").iterdir()
+                if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    proc = run_cli("tune", "--no-validate", "--model", str(mobile_onnx), "--trials", "20",
+                   "--tasks", regex, "--log-dir", str(logs))
+    assert_one_line_error(proc, "timed on othercpu", "another --log-dir")
+    assert files() == before
+    proc = run_cli("build", "--model", str(mobile_onnx), "--tuning-log", str(logs), "-o",
+                   str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_shipped_log_follows_the_cpu_model(tuned, monkeypatch, tmp_path):
+    """Of the shipped logs for one target, a build that runs here takes the one tuned on
+    this CPU model, else the one that names no model, never one tuned on another; a
+    build for another machine takes the one that names none."""
+    from xcompile import targets
+    from xcompile.tuning import apply, log_folder
+
+    shipped = tmp_path / "shipped"
+    for name, cpu in [("x86-any", None), ("x86-other", "othercpu"), ("x86-this", "thiscpu")]:
+        log_folder.export_best(tuned[0] / "host", shipped / name)
+        manifest = log_folder.read_manifest(shipped / name)
+        manifest.pop("cpu", None)
+        log_folder.write_manifest(shipped / name, {**manifest, **({"cpu": cpu} if cpu else {})})
+    monkeypatch.setattr(apply, "SHIPPED", shipped)
+    host = targets.resolve("host")
+
+    def picked():
+        found = apply.load_for_build(None, host)
+        return found and found.folder.name
+
+    monkeypatch.setattr(targets, "host_cpu", lambda: "thiscpu")
+    assert picked() == "x86-this"
+    monkeypatch.setattr(targets, "host_cpu", lambda: "thirdcpu")
+    assert picked() == "x86-any"
+    monkeypatch.setattr(targets, "runs_here", lambda preset: False)
+    assert picked() == "x86-any"
+    shutil.rmtree(shipped / "x86-any")
+    assert picked() is None
+    monkeypatch.setattr(targets, "runs_here", lambda preset: True)
+    assert picked() is None  # not the other model's, though it is the only one left
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -627,26 +681,27 @@ SHIPPED_LOGS = sorted(p.name for p in (Path(__file__).resolve().parent.parent / 
                                        / "tuning_logs").iterdir() if p.is_dir())
 
 
-@pytest.mark.parametrize("preset", SHIPPED_LOGS)
-def test_shipped_log_applies_to_the_model_it_was_tuned_for(preset, tmp_path):
-    """Each shipped log, built for its own target: its validated results, and only
-    those, schedule kernels of the built-in Xception, and where this CPU can run the
-    build it matches ONNX Runtime."""
+@pytest.mark.parametrize("shipped", SHIPPED_LOGS)
+def test_shipped_log_applies_to_the_model_it_was_tuned_for(shipped, tmp_path):
+    """Each shipped log, built for the target its manifest names (``x86-avx512-znver4``
+    for ``x86-avx512``): its validated results, and only those, schedule kernels of the
+    built-in Xception, and where this CPU can run the build it matches ONNX Runtime."""
     from xcompile import targets
     from xcompile.tuning import log_folder
 
-    folder = Path(__file__).resolve().parent.parent / "xcompile" / "tuning_logs" / preset
+    folder = Path(__file__).resolve().parent.parent / "xcompile" / "tuning_logs" / shipped
     manifest = log_folder.read_manifest(folder)
+    preset = manifest["target"]["name"]
     cores = int(manifest["target"]["tvm"].get("num-cores", 0))
     if cores != targets.host_cores():
-        pytest.skip(f"{preset}'s log was tuned for {cores} cores and builds here target "
+        pytest.skip(f"{shipped}'s log was tuned for {cores} cores and builds here target "
                     f"{targets.host_cores()}: it would not apply")
     out = tmp_path / "b"
     proc = run_cli("build", "--target", preset, "--tuning-log", str(folder), "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     # In step with our rules: no default schedule changed since the log timed it.
-    assert m["tuning"]["stale_default"] == [], f"re-tune the shipped {preset} log"
+    assert m["tuning"]["stale_default"] == [], f"re-tune the shipped {shipped} log"
     validation = log_folder.read_validation(folder)
     if validation is None:
         assert m["tuning"]["applied"], m["tuning"]

@@ -99,11 +99,11 @@ def _check_local_device(preset) -> None:
                             "--target host, or measure on such a CPU through --rpc-tracker")
 
 
-def _new_manifest(preset, key: str, timing: str) -> dict:
+def _new_manifest(preset, key: str, timing: str, cpu: str | None) -> dict:
     import json
 
     return {"format": log_folder.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
-            "timing": timing,
+            "timing": timing, **({"cpu": cpu} if cpu else {}),
             "versions": versions(), "models": {}, "tasks": {}, "trials": 0,
             "wall_seconds": 0.0, "runs": []}
 
@@ -163,7 +163,15 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
         raise XCompileError(f"tuning log {folder} was timed {timed}, this run times "
                             f"{timing}: their times do not compare; tune into another "
                             "--log-dir")
-    manifest = manifest or _new_manifest(preset, key, timing)
+    # The CPU model the candidates run on: what is fastest on one is not on another of
+    # the same ISA, so a log holds one model's times (builds pick the shipped log by it).
+    cpu = targets.host_cpu() if preset.device_kind.is_host and not opts.rpc_tracker else None
+    if manifest is not None and manifest.get("cpu") != cpu:
+        theirs = manifest.get("cpu") or "a CPU it does not name"
+        raise XCompileError(f"tuning log {folder} was timed on {theirs}, this run times on "
+                            f"{cpu or 'a remote device'}: their times do not compare; tune "
+                            "into another --log-dir")
+    manifest = manifest or _new_manifest(preset, key, timing, cpu)
     model_hash = sha256_file(opts.model)
     manifest["models"][model_hash] = {
         "path": str(Path(opts.model).resolve()), "batch": opts.batch,
