@@ -63,8 +63,9 @@ class TunedKernels:
         self.applied_workloads: dict[str, str] = {}  # kernel -> its workload hash
         self.kept: list[str] = []  # kernels whose default schedule was the fastest
         # Kernels whose rule has another default schedule than the one the log timed:
-        # what the log knows of them was measured against that one (``stale_default``).
-        self.stale: list[str] = []
+        # what the log knows of them was measured against that one (``stale_default``);
+        # kernel -> its workload hash.
+        self.stale: dict[str, str] = {}
 
     @staticmethod
     def _candidates(entry: dict, records: list) -> list[tuple]:
@@ -92,7 +93,7 @@ class TunedKernels:
             return None
         rule = self.rules.get(entry.get("rule"))
         if stale_default(entry, rule, func, tvm_target()):
-            self.stale.append(name)
+            self.stale[name] = key
             return None
         baseline = entry.get("baseline_ms")
         records = [r for r in self.records.get(key, [])
@@ -159,7 +160,7 @@ class TunedKernels:
             if self.stale:
                 log.warning("tuning log %s: our default schedule of %d kernels changed since "
                             "it was tuned (%s); they get the new one; tune again to time "
-                            "them", self.folder, len(self.stale), ", ".join(self.stale[:4])
+                            "them", self.folder, len(self.stale), ", ".join(list(self.stale)[:4])
                             + (", ..." if len(self.stale) > 4 else ""))
             return mod
 
@@ -170,6 +171,7 @@ class TunedKernels:
         return {"log": str(self.folder), "applied": dict(sorted(self.applied.items())),
                 "workloads": dict(sorted(self.applied_workloads.items())),
                 "kept_default": sorted(self.kept), "stale_default": sorted(self.stale),
+                "stale_workloads": dict(sorted(self.stale.items())),
                 "validated": self.validated}
 
 
