@@ -8,13 +8,15 @@ write-back, rows of output pixels in parallel.
 
 The tile is one pixel, or under a heavy epilogue a row split as evenly as half the vector
 registers allow (``row_tile``); the tuner tries the others. Within a row, each channel
-vector runs along the whole row (``DepthwiseTile.channels_outer``): its KHxKW weight
-vectors stay in registers across the row's pixels and the padding guards, which depend
-on the pixel only, are hoisted out of the channels. Measured on a 2-core Zen 4 (AVX-512),
-each kernel alone, warm, against the pixels-outer order: legacy_xception's 19x19x728
-depthwise convs 0.091 -> 0.030 ms (0.089 -> 0.047 with the ReLU before them), its ten
-depthwise kernels 1.1-3x faster; MobileNetV2's ten 1.0-2.6x; EfficientNet-B0's twelve
-(SiLU, row tiles) 0.97-1.16x.
+vector runs along the whole row (``DepthwiseTile.channels_outer``), its KHxKW weight
+vectors loaded once for the row's pixels; the tuner also times the other order (all
+channels of a pixel, then the next pixel). Measured on a 2-core Zen 4 (AVX-512) against
+that order, each kernel alone, warm: legacy_xception's 19x19x728 depthwise convs 0.091
+-> 0.030 ms (0.089 -> 0.047 with the ReLU before them), its ten depthwise kernels
+1.1-3x faster, MobileNetV2's ten 1.0-2.6x, EfficientNet-B0's twelve (SiLU, row tiles)
+0.97-1.16x. Inside the models, interleaved: legacy_xception's ten 5.55 -> 4.70 ms (the
+728-channel ones 1.4-1.6x faster, the entry flow's 64 to 256 channels 1.05-1.4x
+slower), MobileNetV2's 0.76 -> 0.56 ms, EfficientNet-B0's 1.23 -> 1.25 ms.
 """
 
 from __future__ import annotations
@@ -103,9 +105,8 @@ class VectorDepthwise(ConfigRule):
         rows = sch.fuse(n, y)
         xo, xi = sch.split(x, [None, config.pixels])
         co, cu, cv = sch.split(c, [None, config.vectors, lanes])
-        inner = xo if config.channels_outer else co
-        sch.reorder(rows, *((co, xo) if config.channels_outer else (xo, co)),
-                    ry, rx, rc, xi, cu, cv)
+        outer, inner = (co, xo) if config.channels_outer else (xo, co)
+        sch.reorder(rows, outer, inner, ry, rx, rc, xi, cu, cv)
         sch.reverse_compute_at(wb, inner)
         for loop in (ry, rx, xi, cu):
             sch.unroll(loop)
