@@ -510,6 +510,7 @@ def test_log_timed_on_another_cpu_model_is_refused(tuned, mobile_onnx, regex, tm
     compare (one error line, the log untouched); a build still applies it."""
     logs = _copy(tuned[0], tmp_path)
     _edit_manifest(logs, lambda m: m.update({"cpu": "othercpu"}))
+
     def files():  # (the lock file holds the pid of the last tune)
         return {p.name: p.read_bytes() for p in (logs / "host").iterdir()
                 if p.is_file() and p.name != ".lock"}
