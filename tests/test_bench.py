@@ -137,14 +137,20 @@ def test_measured_fma_peak_is_a_ceiling(preset_name):
     cores = targets.host_cores()
     target = {**preset.target, "num-cores": cores}
     info = cpu_info(tvm.target.Target(target))
-    peak = fma_peak.measure(target, info.lanes, info.registers, cores)
+    # The peak before and after the BLAS, the best of each side: a moment when the VM had
+    # one core fewer (once, in CI: the peak read half, the BLAS a moment later did not)
+    # has to strike both to fail the test; a spilling kernel fails it every time.
+    peaks = [fma_peak.measure(target, info.lanes, info.registers, cores)]
     # numpy's BLAS in a process of its own: its threads spin after a product, and would
     # slow whatever runs beside them in this one.
     blas = float(subprocess.run([sys.executable, "-c", BLAS_RATE], capture_output=True,
                                 text=True, check=True).stdout)
+    peaks.append(fma_peak.measure(target, info.lanes, info.registers, cores))
     # numpy's BLAS may use a wider ISA than the preset: compare with the preset's share.
     share = min(1.0, preset.vector_bits / targets.resolve("host").vector_bits)
-    assert peak >= 0.8 * blas * share, (peak, blas)
+    threads = tvm.get_global_func("runtime.NumThreads")()
+    assert max(peaks) >= 0.8 * blas * share, (peaks, blas, cores, threads,
+                                              sorted(os.sched_getaffinity(0)))
 
 
 def test_bench_without_openvino(mobile_build, tmp_path):

@@ -103,14 +103,20 @@ def compute(target: dict, lanes: int, registers: int, cores: int, steps: int):
 
 
 def measure(target: dict, lanes: int, registers: int, cores: int,
-            repeat: int = 7) -> float:
+            repeat: int = 15, pause_s: float = 0.01) -> float:
     """The best of ``repeat`` timed calls, in GFLOP/s, of the FMA kernel compiled for
     ``target`` (a TVM target dict) with ``lanes``-wide vectors on ``cores`` threads.
-    Needs TVM's compiler (``can_compile``)."""
+    Needs TVM's compiler (``can_compile``).
+
+    The calls are ``pause_s`` apart, so the best spans ~0.2 s rather than the ~20 ms of
+    back-to-back calls: once, in CI on 2 vCPUs, seven calls in a row all read half the
+    peak (one core's worth: a core taken from the VM for that moment, or shared), while
+    a BLAS product timed a moment later ran on both."""
     fn, out = _compiled(target, lanes, registers, cores)
     fn(out, 100)  # warm up: thread pool started, code paged in
     best = float("inf")
     for _ in range(repeat):
+        time.sleep(pause_s)
         start = time.perf_counter()
         fn(out, STEPS)
         best = min(best, time.perf_counter() - start)
