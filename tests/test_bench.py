@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -151,6 +152,41 @@ def test_measured_fma_peak_is_a_ceiling(preset_name):
     threads = tvm.get_global_func("runtime.NumThreads")()
     assert max(peaks) >= 0.8 * blas * share, (peaks, blas, cores, threads,
                                               sorted(os.sched_getaffinity(0)))
+
+
+SPIN = "import time\nend = time.perf_counter() + {s}\nwhile time.perf_counter() < end: pass\n"
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_runs_wait_for_spinning_threads():
+    """``bench`` starts a run only once no watched thread spins: one in this process, or
+    in a backend's own process named by its pid; another process, unnamed, is not
+    waited for (``process_idle``)."""
+    import threading
+
+    from xcompile import process_idle
+
+    spinner = threading.Thread(target=_spin, args=(0.4,))
+    spinner.start()
+    waited = process_idle.wait_until_idle(0.0)
+    assert not spinner.is_alive() and 0.35 <= waited < process_idle.LIMIT_S, waited
+    spinner.join()
+    for watched in (True, False):
+        child = subprocess.Popen([sys.executable, "-c", SPIN.format(s=0.6)])
+        time.sleep(0.15)  # the interpreter started, spinning
+        try:
+            waited = process_idle.wait_until_idle(0.0, [child.pid] if watched else [])
+            if watched:
+                assert child.poll() is not None and 0.3 <= waited, waited
+            else:
+                assert child.poll() is None and waited < 0.3, waited
+        finally:
+            child.wait()
 
 
 def test_bench_without_openvino(mobile_build, tmp_path):

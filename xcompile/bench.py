@@ -19,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from xcompile import own_process, peers, reference, runtime, targets
+from xcompile import own_process, peers, process_idle, reference, runtime, targets
 from xcompile.errors import XCompileError, first_line
 from xcompile.manifest import TensorInfo, read_manifest
 
 log = logging.getLogger(__name__)
 
 OURS = "xcompile"
-# Pause between backends: thread pools (TVM's, ONNX Runtime's, OpenMP's, OpenVINO's TBB)
-# spin-wait for a while after each run, and a spinning pool steals cores from the next.
+# Pause between backends, at least: thread pools (TVM's, ONNX Runtime's, OpenMP's,
+# OpenVINO's TBB) spin-wait for a while after each run, and a spinning pool steals cores
+# from the next, so each run also waits for the backends' processes to go idle
+# (``process_idle``).
 SETTLE_S = 0.05
 
 
@@ -141,18 +143,25 @@ def rotated(items: list, i: int) -> list:
 
 def interleaved(backends: list, repeat: int, warmup: int,
                 settle_s: float = SETTLE_S) -> dict[str, Timing]:
-    """Each backend's ``repeat`` timings, round by round, after ``warmup`` untimed rounds,
-    with ``settle_s`` between runs. Rotate who goes first: the backend after another
-    one's run pays for its still-spinning threads and evicted caches (8% measured here),
-    so each backend takes each position equally often."""
+    """Each backend's ``repeat`` timings, round by round, after ``warmup`` untimed rounds.
+    Before each run, at least ``settle_s`` and until the backends' processes are idle
+    (no thread of another still spinning: ``process_idle``); with ``settle_s`` 0, back
+    to back. Rotate who goes first: the backend after another one's run finds caches the
+    other filled, so each backend takes each position equally often."""
     timings = {b.name: Timing(b.name, b.detail) for b in backends}
+    pids = [b.pid for b in backends if b.pid is not None]  # those in processes of their own
+
+    def settle() -> None:
+        if settle_s > 0:
+            process_idle.wait_until_idle(settle_s, pids)
+
     for _ in range(warmup):
         for b in backends:
-            time.sleep(settle_s)
+            settle()
             b.run()
     for i in range(repeat):
         for b in rotated(backends, i):
-            time.sleep(settle_s)
+            settle()
             timings[b.name].samples_ms.append(b.run())
         log.info("round %d/%d: %s", i + 1, repeat,
                  ", ".join(f"{n} {t.samples_ms[-1]:.2f} ms" for n, t in timings.items()))

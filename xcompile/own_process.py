@@ -37,6 +37,11 @@ class OwnProcess:
         line = self._expect(ready)
         self.detail = line[len(ready):].strip()
 
+    @property
+    def pid(self) -> int:
+        """The process's id (``bench`` waits for its threads to go idle)."""
+        return self._proc.pid
+
     def _expect(self, prefix: str) -> str:
         while True:
             line = self._proc.stdout.readline()

@@ -25,6 +25,7 @@ class Backend:
     detail: str
     run: Callable[[], float]
     close: Callable[[], None] = lambda: None
+    pid: int | None = None  # the process it runs in, when not this one
 
 
 def _timed(call) -> Callable[[], float]:
