@@ -67,6 +67,8 @@ class Conv2DNHWC:
     # A 1x1 stride-1 conv without padding (``pixel_for_pixel``): its GEMM rows are the
     # input's pixels, in order, and a GEMM can read them where they lie.
     rows_in_place: bool = False
+    # The input the block reads (its zero-padded copy where there is padding), NHWC.
+    in_shape: tuple[int, ...] = ()
 
     @property
     def depthwise(self) -> bool:
@@ -108,7 +110,8 @@ def conv_block(sch, rv) -> Conv2DNHWC | None:
     else:
         return None
     return Conv2DNHWC(rv, None, [], tuple(int(s) for s in out.source.shape),
-                      (ext[4], ext[5]), ext[6], kind)
+                      (ext[4], ext[5]), ext[6], kind,
+                      in_shape=tuple(int(s) for s in data.source.shape))
 
 
 def _split_blocks(sch):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kernels import (CONV_CASES, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
+from kernels import (CONV_CASES, CPU_PRESETS, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
                      assert_computes_the_same, conv_kernel, depthwise_kernel,
                      executable_cpu_presets, lowered_kernels, random_args, run_kernel,
                      separable_kernel)
@@ -125,9 +125,10 @@ def test_depthwise_tiles_follow_the_epilogue(preset):
 
 
 def test_depthwise_runs_each_channel_vector_along_the_row(preset):
-    """The default order: a row's channel vectors outside its pixels (each vector's
-    window of weights held across the row), padded borders included; the other order
-    keeps the key tuning logs timed it under (the field is left out at its default)."""
+    """The default order where the window's rows fit L1: a row's channel vectors outside
+    its pixels (each vector's window of weights held across the row), padded borders
+    included; the other order keeps the key tuning logs timed it under (the field is
+    left out at its default)."""
     from xcompile.schedules.cpu.depthwise import DepthwiseTile
 
     target = preset.tvm_target()
@@ -144,6 +145,26 @@ def test_depthwise_runs_each_channel_vector_along_the_row(preset):
     assert rule.config_to_json(DepthwiseTile(1, 1)) == {"vectors": 1, "pixels": 1}
     assert rule.config_to_json(DepthwiseTile(1, 1, True))["channels_outer"] is True
     assert rule.default_config_key(func, target) != '{"pixels": 1, "vectors": 1}'
+
+
+@pytest.mark.parametrize("name", CPU_PRESETS)
+def test_depthwise_order_follows_what_l1_holds(name):
+    """Channels inside a pixel by default only where a channel vector's pass along the
+    row misses L1 and a pixel's window over all channels fits it (``channels_outside``).
+    On every preset's L1 (x86: 64 sets x 8 ways, ARM: 128 x 4, 64-byte lines): 128
+    channels on 149-pixel input rows (lines 512 bytes apart fill every 8th set: 447
+    lines for 64 places) go inside; 728 channels (2912 bytes apart: every set, 63 lines)
+    and 1024 on 12-pixel rows (the window's inputs and weights: 2 x 36 KB) stay
+    outside."""
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = targets.resolve(name).tvm_target()
+    info = cpu_info(target)
+    assert info.l1_sets * info.l1_ways * 64 == 32 << 10, info  # the geometry above
+    rule = VectorDepthwise()
+    for c, size, outer in ((128, 147, False), (728, 19, True), (1024, 10, True)):
+        default = rule.all_configs(depthwise_kernel(c=c, size=size, k=3, pad=1), target)[0]
+        assert default.channels_outer == outer, (name, c, size)
 
 
 def test_generic_rule_on_everything_else(preset):

@@ -9,18 +9,21 @@ write-back, rows of output pixels in parallel.
 The tile is one pixel, or under a heavy epilogue a row split as evenly as half the vector
 registers allow (``row_tile``); the tuner tries the others. Within a row, each channel
 vector runs along the whole row (``DepthwiseTile.channels_outer``), its KHxKW weight
-vectors loaded once for the row's pixels; the tuner also times the other order (all
-channels of a pixel, then the next pixel). Measured on a 2-core Zen 4 (AVX-512) against
-that order, each kernel alone, warm: legacy_xception's 19x19x728 depthwise convs 0.091
--> 0.030 ms (0.089 -> 0.047 with the ReLU before them), its ten depthwise kernels
-1.1-3x faster, MobileNetV2's ten 1.0-2.6x, EfficientNet-B0's twelve (SiLU, row tiles)
-0.97-1.16x. Inside the models, interleaved: legacy_xception's ten 5.55 -> 4.70 ms (the
-728-channel ones 1.4-1.6x faster, the entry flow's 64 to 256 channels 1.05-1.4x
-slower), MobileNetV2's 0.76 -> 0.56 ms, EfficientNet-B0's 1.23 -> 1.25 ms.
+vectors loaded once for the row's pixels, where the lines that pass reads stay in L1
+(``channels_outside``); the tuner also times the other order (all channels of a pixel,
+then the next pixel), the default where they do not. Measured on a 2-core Zen 4
+(AVX-512) against that order, each kernel alone, warm: legacy_xception's 19x19x728
+depthwise convs 0.091 -> 0.030 ms (0.089 -> 0.047 with the ReLU before them), its ten
+depthwise kernels 1.1-3x faster, MobileNetV2's ten 1.0-2.6x, EfficientNet-B0's twelve
+(SiLU, row tiles) 0.97-1.16x. Inside the models, interleaved: legacy_xception's ten
+5.55 -> 4.70 ms (the 728-channel ones 1.4-1.6x faster, the entry flow's 64 to 256
+channels 1.05-1.4x slower: their rows miss L1, and they now keep the other order),
+MobileNetV2's 0.76 -> 0.56 ms, EfficientNet-B0's 1.23 -> 1.25 ms.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +50,40 @@ def row_tile(width: int, registers: int, vectors: int = 1) -> int:
     most = max(1, registers // 2 // vectors)
     tiles = -(-width // most)
     return -(-width // tiles)
+
+
+LINE_BYTES = 64
+
+
+def channels_outside(conv, info) -> bool:
+    """The default loop order: each channel vector along the whole row (True), unless the
+    lines that pass reads miss L1 while a pixel's channels, taken together, fit it.
+
+    A channel vector's pass along an output row reads the KH input rows' pixels, a line
+    each, ``channels x 4`` bytes apart. With that spacing a multiple of the line, the
+    lines fall into every ``gcd``-th set only (128 channels: every 8th of 64 sets), and
+    8 ways of 8 sets hold 64 lines, where a 147-pixel row's window is 441: each channel
+    vector's pass then reloads from L2 what the last one fetched. With the channels
+    inside, a pixel needs its KHxKW window's inputs and weights over all the channels
+    in L1 instead (9 KB each at 256 channels, 37 KB at 1024).
+
+    Measured on a 2-core Zen 4 (AMD EPYC, CPUID family 25 model 17), each kernel in the
+    model, interleaved against the channels outside: legacy_xception's entry flow
+    (64-256 channels, 147x147 to 37x37) 0.70-0.84x as long with them inside in one run,
+    0.76-0.97x in another (its ten depthwise kernels 3.85 -> 3.66 ms); its 10x10 ones
+    with 1024 and 1536 channels ran 1.3x and 1.6x as long inside (before the window's
+    size counted: they stay outside now); MobileNetV2's ten 0.544 -> 0.521 ms (its 32-
+    and 96-channel 112x112 ones inside), EfficientNet-B0's 0.991 -> 0.989. By channel
+    count alone (outside from 512), MobileNetV2's 144-384 channel ones, whose rows fit,
+    ran 1.1-1.3x as long inside."""
+    _, _, width, channels = conv.in_shape
+    pixel_bytes = channels * 4
+    sets = info.l1_sets
+    if pixel_bytes % LINE_BYTES == 0:
+        sets //= math.gcd(pixel_bytes // LINE_BYTES, info.l1_sets)
+    rows_fit = conv.kernel[0] * width <= sets * info.l1_ways
+    window_bytes = 2 * conv.kernel[0] * conv.kernel[1] * pixel_bytes  # inputs and weights
+    return rows_fit or window_bytes > info.l1_sets * info.l1_ways * LINE_BYTES
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,7 @@ class VectorDepthwise(ConfigRule):
         info = cpu_info(target)
         lanes = channel_vector(channels, info.lanes)
         pixels = row_tile(width, info.registers) if conv.epilogue_ops >= HEAVY_EPILOGUE else 1
-        default = DepthwiseTile(1, pixels, channels_outer=True)
+        default = DepthwiseTile(1, pixels, channels_outer=channels_outside(conv, info))
         others = [DepthwiseTile(v, p, outer) for outer in (True, False) for v in (1, 2, 4)
                   for p in sorted({1, row_tile(width, info.registers, v)})
                   if channels % (v * lanes) == 0 and p <= width

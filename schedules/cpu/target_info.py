@@ -7,11 +7,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class CPUInfo:
-    """Vector lanes of float32, vector registers, and cores to spread work over."""
+    """Vector lanes of float32, vector registers, and cores to spread work over; the L1
+    data cache's sets and ways (64-byte lines)."""
 
     lanes: int
     registers: int
     cores: int
+    l1_sets: int = 64
+    l1_ways: int = 8
+
+
+# L1 data caches, the smallest of each family's cores we target: x86 (Zen 2-5, Skylake
+# to Emerald Rapids) 32-48 KB in 64 sets of 8-12 ways; ARM (Cortex-A72 to Neoverse V2)
+# 32-64 KB in 128-256 sets of 2-4 ways (as 128 x 4: the A72's 2 ways of 256 sets hold
+# as many lines, fewer of them in one set).
+X86_L1 = {"l1_sets": 64, "l1_ways": 8}
+ARM_L1 = {"l1_sets": 128, "l1_ways": 4}
 
 
 def cpu_info(target) -> CPUInfo:
@@ -27,12 +38,12 @@ def cpu_info(target) -> CPUInfo:
 
     cores = int(target.attrs.get("num-cores", 1))
     if has("avx512f"):
-        return CPUInfo(lanes=16, registers=32, cores=cores)
+        return CPUInfo(lanes=16, registers=32, cores=cores, **X86_L1)
     if has("avx2") or has("avx"):
-        return CPUInfo(lanes=8, registers=16, cores=cores)
+        return CPUInfo(lanes=8, registers=16, cores=cores, **X86_L1)
     if has("neon"):
-        return CPUInfo(lanes=4, registers=32, cores=cores)
-    return CPUInfo(lanes=4, registers=16, cores=cores)  # SSE-class x86 or unknown
+        return CPUInfo(lanes=4, registers=32, cores=cores, **ARM_L1)
+    return CPUInfo(lanes=4, registers=16, cores=cores, **X86_L1)  # SSE-class x86 or unknown
 
 
 def channel_vector(channels: int, lanes: int) -> int:
