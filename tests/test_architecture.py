@@ -27,7 +27,8 @@ LAYERS = [
     ["xcompile.tuning"],
     ["xcompile.build"],
     ["xcompile.runner", "xcompile.reference", "xcompile.verify", "xcompile.peers",
-     "xcompile.own_process", "xcompile.fma_peak", "xcompile.bench", "xcompile.tuning_validation",
+     "xcompile.own_process", "xcompile.process_idle", "xcompile.fma_peak", "xcompile.bench",
+     "xcompile.tuning_validation",
      "xcompile.package", "xcompile.refit", "xcompile.kit"],
     ["xcompile.cli", "xcompile.__main__"],
 ]

@@ -13,8 +13,8 @@ class CPUInfo:
     lanes: int
     registers: int
     cores: int
-    l1_sets: int = 64
-    l1_ways: int = 8
+    l1_sets: int
+    l1_ways: int
 
 
 # L1 data caches, the smallest of each family's cores we target: x86 (Zen 2-5, Skylake
