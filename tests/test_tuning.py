@@ -111,6 +111,41 @@ def test_rotated_timing_reports_the_middle_half():
     assert middle_half([3.0, 1.0]) == [3.0, 1.0]
 
 
+def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
+    """Each batch of configurations is timed between two timings of the task's default
+    (the first takes the batch's cold start); where the last reads over SLOW_STRETCH
+    times the default's baseline (a host at half speed for a while), the batch is timed
+    again and those timings are logged, at most RETRIES times."""
+    from types import SimpleNamespace
+
+    from xcompile.tuning import grid
+
+    configs = [f"c{i}" for i in range(5)]
+    monkeypatch.setattr(grid, "candidates", lambda task, rule, target, skip=(), limit=None: [
+        (k, k) for k in configs if k not in skip][:limit])
+    for slow_rounds, logged in ((0, 1.0), (1, 1.0), (grid.RETRIES + 1, 2.0)):
+        calls = []
+
+        def fake_measure(builder, runner, mods, target, device):
+            slow = len(calls) < slow_rounds  # the first rounds run at half speed
+            calls.append(mods)
+            # The first timing of every batch is a cold start, slow or not.
+            return [5.0] + [2.0 if slow else 1.0 for _ in mods[1:]]
+
+        monkeypatch.setattr(grid, "measure", fake_measure)
+        entry = {"rule": "r", "baseline_ms": 1.0, "configs": {"c0": 1.0}}
+        rule = SimpleNamespace(all_configs=None)
+        progress = SimpleNamespace(update=lambda name, times: None)
+        n = grid._time_task(SimpleNamespace(name="t"), entry, {"r": rule}, None, "cpu", None,
+                            None, 10, progress, 2, lambda: None)
+        assert n == 4
+        # Two batches of two, each between two timings of the default (c0).
+        assert all(m[0] == m[-1] == "c0" for m in calls), calls
+        assert len(calls) == 2 + min(slow_rounds, grid.RETRIES), (slow_rounds, calls)
+        assert {k: v for k, v in entry["configs"].items() if k != "c0"} == {
+            k: logged if i < 2 else 1.0 for i, k in enumerate(configs[1:])}, slow_rounds
+
+
 def test_rotation_keeps_the_input_and_output_warm():
     """Rotated timing gives every call its own weights and the same input and output
     (the model's kernels find theirs warm): as many sets as the weights span the bytes
