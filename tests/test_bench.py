@@ -157,12 +157,6 @@ def test_measured_fma_peak_is_a_ceiling(preset_name):
 SPIN = "import time\nend = time.perf_counter() + {s}\nwhile time.perf_counter() < end: pass\n"
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 def test_runs_wait_for_spinning_threads():
     """``bench`` starts a run only once no watched thread spins: one in this process, or
     in a backend's own process named by its pid; another process, unnamed, is not
@@ -171,7 +165,7 @@ def test_runs_wait_for_spinning_threads():
 
     from xcompile import process_idle
 
-    spinner = threading.Thread(target=_spin, args=(0.4,))
+    spinner = threading.Thread(target=exec, args=(SPIN.format(s=0.4), {}))
     spinner.start()
     waited = process_idle.wait_until_idle(0.0)
     assert not spinner.is_alive() and 0.35 <= waited < process_idle.LIMIT_S, waited

@@ -115,7 +115,7 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
     """Each batch of configurations is timed between two timings of the task's default
     (the first takes the batch's cold start); where the last reads over SLOW_STRETCH
     times the default's baseline (a host at half speed for a while), the batch is timed
-    again and those timings are logged, at most RETRIES times."""
+    again (not built again) and those timings are logged, at most RETRIES times."""
     from types import SimpleNamespace
 
     from xcompile.tuning import grid
@@ -124,15 +124,20 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
     monkeypatch.setattr(grid, "candidates", lambda task, rule, target, skip=(), limit=None: [
         (k, k) for k in configs if k not in skip][:limit])
     for slow_rounds, logged in ((0, 1.0), (1, 1.0), (grid.RETRIES + 1, 2.0)):
-        calls = []
+        calls, builds = [], []
 
-        def fake_measure(builder, runner, mods, target, device):
+        def fake_build(builder, mods, target, device):
+            builds.append(mods)
+            return mods
+
+        def fake_run(runner, inputs):
             slow = len(calls) < slow_rounds  # the first rounds run at half speed
-            calls.append(mods)
+            calls.append(inputs)
             # The first timing of every batch is a cold start, slow or not.
-            return [5.0] + [2.0 if slow else 1.0 for _ in mods[1:]]
+            return [5.0] + [2.0 if slow else 1.0 for _ in inputs[1:]]
 
-        monkeypatch.setattr(grid, "measure", fake_measure)
+        monkeypatch.setattr(grid, "build", fake_build)
+        monkeypatch.setattr(grid, "run", fake_run)
         entry = {"rule": "r", "baseline_ms": 1.0, "configs": {"c0": 1.0}}
         rule = SimpleNamespace(all_configs=None)
         progress = SimpleNamespace(update=lambda name, times: None)
@@ -142,6 +147,7 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
         # Two batches of two, each between two timings of the default (c0).
         assert all(m[0] == m[-1] == "c0" for m in calls), calls
         assert len(calls) == 2 + min(slow_rounds, grid.RETRIES), (slow_rounds, calls)
+        assert len(builds) == 2, builds  # a batch timed again is not built again
         assert {k: v for k, v in entry["configs"].items() if k != "c0"} == {
             k: logged if i < 2 else 1.0 for i, k in enumerate(configs[1:])}, slow_rounds
 

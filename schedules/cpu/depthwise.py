@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..prefetch import LINE_BYTES
 from ..rule import ConfigRule
 from ..analysis import DEPTHWISE, accumulate_locally, match_conv
 from .generic import schedule_tail
@@ -50,9 +51,6 @@ def row_tile(width: int, registers: int, vectors: int = 1) -> int:
     most = max(1, registers // 2 // vectors)
     tiles = -(-width // most)
     return -(-width // tiles)
-
-
-LINE_BYTES = 64
 
 
 def channels_outside(conv, info) -> bool:

@@ -56,21 +56,34 @@ def default_module(task, rule, target):
 def measure(builder, runner, mods: list, target, device: str) -> list[float | None]:
     """Mean milliseconds of each module's ``main`` on ``device`` (None where building or
     running it failed), through the tuner's own builder and runner."""
+    return run(runner, build(builder, mods, target, device))
+
+
+def build(builder, mods: list, target, device: str) -> list:
+    """What ``run`` times: each module's runner input (None where it does not build),
+    a module listed more than once built once. The built files stay until the builder
+    closes, so the inputs can be run again."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    built = builder.build([BuilderInput(m, target) for m in mods])
-    order, inputs = [], []
-    for i, (m, b) in enumerate(zip(mods, built)):
+    distinct = list({id(m): m for m in mods}.values())
+    built = builder.build([BuilderInput(m, target) for m in distinct])
+    inputs = {}
+    for i, (m, b) in enumerate(zip(distinct, built)):
         if b.error_msg is None:
-            order.append(i)
-            inputs.append(RunnerInput(b.artifact_path, device,
-                                      ArgInfo.from_prim_func(m["main"])))
+            inputs[id(m)] = RunnerInput(b.artifact_path, device, ArgInfo.from_prim_func(m["main"]))
         else:
             log.warning("baseline of kernel %d does not build: %s", i, b.error_msg[:200])
-    out: list[float | None] = [None] * len(mods)
-    for i, fut in zip(order, runner.run(inputs)):
+    return [inputs.get(id(m)) for m in mods]
+
+
+def run(runner, inputs: list) -> list[float | None]:
+    """Mean milliseconds of each of ``build``'s inputs, in order (None where it was not
+    built or failed to run)."""
+    order = [i for i, inp in enumerate(inputs) if inp is not None]
+    out: list[float | None] = [None] * len(inputs)
+    for i, fut in zip(order, runner.run([inputs[i] for i in order])):
         r = fut.result()
         if r.error_msg is None and r.run_secs:
             out[i] = sum(float(s) for s in r.run_secs) / len(r.run_secs) * 1e3

@@ -13,7 +13,7 @@ import logging
 
 from xcompile.schedules import config_json_key
 
-from .baseline import measure, prepacked
+from .baseline import build, prepacked, run
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 # built: it read up to 6x the baseline for a 35 us kernel, every batch), which the
 # batch's first configuration used to pay; where the last reads more than SLOW_STRETCH
 # times the baseline, the machine ran slow for a while and the batch is timed again (at
-# most RETRIES times; then the last timings stand). Each configuration is timed once: a
-# stretch of a VM's host at half speed, seconds long, had mis-ranked whole batches. Measured on a 2-core Zen 4 (AMD EPYC,
-# CPUID family 25 model 17): a top-up of legacy_xception's configurations logged the
-# 147x147 128 -> 128 conv's 14 x 1 tiles at 7.97-8.19 ms, which the same runner timed
-# at 3.6-3.8 ms when asked again (its default 14 x 2: 4.5 logged, 3.9-4.1 again); in
-# the model those tiles ran 0.91x as long as the default.
+# most RETRIES times, built once; then the last timings stand). Each configuration is
+# timed once: a stretch of a VM's host at half speed, seconds long, had mis-ranked whole
+# batches. Measured on a 2-core Zen 4 (AMD EPYC, CPUID family 25 model 17): a top-up of
+# legacy_xception's configurations logged the 147x147 128 -> 128 conv's 14 x 1 tiles at
+# 7.97-8.19 ms, which the same runner timed at 3.6-3.8 ms when asked again (its default
+# 14 x 2: 4.5 logged, 3.9-4.1 again); in the model those tiles ran 0.91x as long as the
+# default.
 SLOW_STRETCH = 1.25
 RETRIES = 2
 
@@ -92,9 +93,9 @@ def _time_task(task, entry, rules_by_name, target, device, builder, runner, limi
     sentinel = candidates(task, rule, target, limit=1) if reference else []
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
-        for attempt in range(RETRIES + 1):
-            mods = [m for _, m in sentinel + part + sentinel]
-            times = measure(builder, runner, mods, target, device)
+        inputs = build(builder, [m for _, m in sentinel + part + sentinel], target, device)
+        for _ in range(RETRIES + 1):
+            times = run(runner, inputs)
             if not sentinel:
                 break
             last, times = times[-1], times[1:-1]
