@@ -167,6 +167,41 @@ def test_depthwise_order_follows_what_l1_holds(name):
         assert default.channels_outer == outer, (name, c, size)
 
 
+@pytest.mark.parametrize("name", CPU_PRESETS)
+def test_gemm_chunks_keep_their_rows_in_l2(name):
+    """A parallel chunk's input rows take at most L2_SHARE of the preset's L2 where a
+    chunk size that pads as little (within CHUNK_NEAR_TIE) allows it (``chunk_tiles``). Xception's 19x19
+    728 -> 728 GEMM on 2 cores: at batch 8 (2,888 rows) the chunks are smaller than
+    without the L2 and within it where 8 tiles fit (AVX-512: 14-row tiles of 40.8 KB in
+    1 MiB); at batch 1 (361 rows) they pad no more rows than without it (AVX-512: 2
+    chunks of 13 tiles, 364 rows)."""
+    from xcompile.schedules.cpu.conv_gemm import (CHUNK_NEAR_TIE, L2_SHARE,
+                                                  MIN_TILES_PER_CHUNK, gemm_configs)
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    info = cpu_info(targets.resolve(name).tvm_target())
+    budget = info.l2_bytes * L2_SHARE
+
+    def default(rows, l2_bytes):
+        return gemm_configs(rows, 728, info.lanes, info.registers, 2, 728, direct=True,
+                            l2_bytes=l2_bytes)[0]
+
+    def padded(config, rows):
+        chunk = config.mr * config.mb
+        return -(-rows // chunk) * chunk
+
+    for rows in (8 * 361, 361):
+        chosen, plain = default(rows, info.l2_bytes), default(rows, 0)
+        tile_bytes = chosen.mr * 728 * 4
+        assert not chosen.tile_major and (chosen.mr, chosen.nu) == (plain.mr, plain.nu)
+        assert padded(chosen, rows) <= padded(plain, rows) * (1 + CHUNK_NEAR_TIE), (
+            name, rows, chosen, plain)
+        if rows > 361:
+            assert chosen.mb < plain.mb, (name, chosen, plain)
+            if MIN_TILES_PER_CHUNK * tile_bytes <= budget:
+                assert chosen.mb * tile_bytes <= budget, (name, chosen)
+
+
 def test_generic_rule_on_everything_else(preset):
     target = preset.tvm_target()
     kernels = lowered_kernels(_Head(), (1, 64, 38, 38))

@@ -149,11 +149,14 @@ def prefetch_parts(steps: int) -> int:
     return parts if parts > 1 else 0
 
 
-def chunk_tiles(rows: int, mr: int, threads: int) -> int:
+def chunk_tiles(rows: int, mr: int, threads: int, tile_bytes: int = 0,
+                l2_bytes: int = 0) -> int:
     """Micro-tiles per parallel chunk, between MIN_TILES_PER_CHUNK (or what gives every
     thread a chunk, when fewer) and MAX_TILES_PER_CHUNK: little padding waste, chunks a
     multiple of the thread count, and among the choices within CHUNK_NEAR_TIE of the
-    least waste the most tiles per chunk (each chunk streams all the weights once)."""
+    least waste the most tiles per chunk (each chunk streams all the weights once) whose
+    input rows (``tile_bytes`` a tile) fit L2_SHARE of the ``l2_bytes`` L2, or the fewest
+    when none does (see L2_SHARE)."""
     tiles = -(-rows // mr)
     lowest = max(1, min(MIN_TILES_PER_CHUNK, -(-tiles // threads)))
     scored = []
@@ -164,7 +167,11 @@ def chunk_tiles(rows: int, mr: int, threads: int) -> int:
         balance = (-(-chunks // threads) * threads) / chunks
         scored.append((padded / rows * balance, mb))
     best = min(score for score, _ in scored)
-    return max(mb for score, mb in scored if score <= best * (1 + CHUNK_NEAR_TIE))
+    near = [mb for score, mb in scored if score <= best * (1 + CHUNK_NEAR_TIE)]
+    if not l2_bytes:
+        return max(near)
+    fits = [mb for mb in near if mb * tile_bytes <= l2_bytes * L2_SHARE]
+    return max(fits) if fits else min(near)
 
 
 # The fewest tiles per chunk where the rows allow it: the 800 rows of Xception's
@@ -173,6 +180,19 @@ def chunk_tiles(rows: int, mr: int, threads: int) -> int:
 # times. Chunk sizes scoring within CHUNK_NEAR_TIE of the best count as equal.
 MIN_TILES_PER_CHUNK = 8
 CHUNK_NEAR_TIE = 0.01
+
+# A chunk's input rows take at most this share of a core's L2: a chunk runs every weight
+# panel through its tiles, so each input row is read again after all the chunk's other
+# rows, a weight panel and the next one's prefetch; rows that no longer fit come from L3
+# at each panel. Measured on a 2-core Zen 4 (1 MiB L2), legacy_xception at batch 8
+# without a tuning log, per kernel in the model, interleaved: the 19x19x728 GEMMs (2,888
+# rows, 14-row tiles of 40.8 KB) ran 0.94x as long in chunks of 12 or 8 tiles (490 and
+# 326 KB) as in chunks of 13 or 16 (530 and 652 KB; 16 was the default), the 728 -> 1024
+# and 1024 -> 1536 ones 0.93x-0.96x; the model 0.975x. At batch 1 those GEMMs keep 2
+# chunks of 13 tiles, one a core: the fewer tiles pad 361 rows to 448. The x86-avx2
+# preset's code there (its 256 KiB L2: 8 tiles of 6 rows at batch 1 for 16 before): its
+# 19x19x728 GEMMs 0.90x and 0.97x as long in the model, two runs in either order.
+L2_SHARE = 0.5
 
 
 # Channel groups in parallel when the output channels number at least this many times
@@ -247,14 +267,14 @@ def tile_major(depth: int, window: int, channels: int) -> bool:
 
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                  cores: int, depth: int = 1, window: int = 1,
-                 direct: bool = False) -> list[GEMMTile]:
-    """The default tiling (``register_tile``, ``chunk_tiles``, ``depth_streams`` of the
-    ``depth`` input channels, the tiles through every panel where ``tile_major`` says so
-    and otherwise ``prefetch_parts`` where the ``window`` is 1x1, the input read in place
-    where ``direct`` allows it) first, then the neighbourhood the tuner measures: the
-    other loop order, the other parallel split, the other stream counts, prefetch or
-    none, a packed input or none, and the other register tiles that fit (fewer rows,
-    other widths) with a few chunk sizes each."""
+                 direct: bool = False, l2_bytes: int = 0) -> list[GEMMTile]:
+    """The default tiling (``register_tile``, ``chunk_tiles`` for an ``l2_bytes`` L2,
+    ``depth_streams`` of the ``depth`` input channels, the tiles through every panel
+    where ``tile_major`` says so and otherwise ``prefetch_parts`` where the ``window``
+    is 1x1, the input read in place where ``direct`` allows it) first, then the
+    neighbourhood the tuner measures: the other loop order, the other parallel split,
+    the other stream counts, prefetch or none, a packed input or none, and the other
+    register tiles that fit (fewer rows, other widths) with a few chunk sizes each."""
     mr, nu = register_tile(channels, lanes, registers, rows)
     streams = depth_streams(depth)
     major = tile_major(depth, window, channels)
@@ -270,9 +290,15 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
     # share an accumulator with a real row: ``schedules.padded_rows``), and only where
     # the input is small enough to come from the caches (DIRECT_MAX_BYTES).
     direct = direct and rows >= mr and rows * depth * 4 <= DIRECT_MAX_BYTES
-    by_rows = GEMMTile(mr, nu, chunk_tiles(rows, mr, cores), 1, streams, parts(streams),
-                       direct, major)
-    by_columns = replace(by_rows, mb=chunk_tiles(rows, mr, 1), groups=cores)
+
+    def chunk(mr: int, threads: int) -> int:
+        # Tiles that run through every panel keep their rows in L1 and the weights in
+        # L2: the chunk's rows need not stay there.
+        return chunk_tiles(rows, mr, threads, mr * depth * window * 4,
+                           0 if major else l2_bytes)
+
+    by_rows = GEMMTile(mr, nu, chunk(mr, cores), 1, streams, parts(streams), direct, major)
+    by_columns = replace(by_rows, mb=chunk(mr, 1), groups=cores)
     out = [by_columns, by_rows] if groups > 1 else [by_rows]
     if cores > 1 and groups == 1:
         out.append(by_columns)  # the alternative, for the tuner
@@ -290,7 +316,7 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         for mr in sorted({top, top - 2, 4} - {0}, reverse=True):
             if not 1 <= mr <= top:
                 continue
-            for mb in sorted({chunk_tiles(rows, mr, cores), 2, 4, 8, 16}):
+            for mb in sorted({chunk(mr, cores), 2, 4, 8, 16}):
                 if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
                     config = GEMMTile(mr, nu, mb, 1, streams, parts(streams), direct,
                                       major)
@@ -341,7 +367,7 @@ class PackedConvGEMM(ConfigRule):
         n, h, w, f = conv.out_shape
         return gemm_configs(n * h * w, f, info.lanes, info.registers, info.cores,
                             conv.in_channels, conv.kernel[0] * conv.kernel[1],
-                            conv.rows_in_place)
+                            conv.rows_in_place, info.l2_bytes)
 
     def searchable(self, conv, config: GEMMTile, target) -> bool:
         # MetaSchedule times kernels on pre-packed weights and requires the packing block

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class CPUInfo:
     """Vector lanes of float32, vector registers, and cores to spread work over; the L1
-    data cache's sets and ways (64-byte lines)."""
+    data cache's sets and ways (64-byte lines); the L2 cache of one core, in bytes."""
 
     lanes: int
     registers: int
     cores: int
     l1_sets: int
     l1_ways: int
+    l2_bytes: int
 
 
 # L1 data caches, the smallest of each family's cores we target: x86 (Zen 2-5, Skylake
@@ -23,6 +24,14 @@ class CPUInfo:
 # as many lines, fewer of them in one set).
 X86_L1 = {"l1_sets": 64, "l1_ways": 8}
 ARM_L1 = {"l1_sets": 128, "l1_ways": 4}
+
+# L2 caches per core, the smallest of the cores each vector ISA's preset targets:
+# AVX-512 1 MiB (Skylake-SP, Zen 4 and 5; Ice Lake-SP 1.25, Sapphire and Emerald Rapids
+# 2), AVX2 256 KiB (Haswell to Skylake client; Zen 1-3 512 KiB), ARM 256 KiB (a
+# Cortex-A72 cluster's 1 MiB over its 4 cores; Neoverse N1 1 MiB).
+AVX512_L2 = 1 << 20
+AVX2_L2 = 256 << 10
+ARM_L2 = 256 << 10
 
 
 def cpu_info(target) -> CPUInfo:
@@ -38,12 +47,13 @@ def cpu_info(target) -> CPUInfo:
 
     cores = int(target.attrs.get("num-cores", 1))
     if has("avx512f"):
-        return CPUInfo(lanes=16, registers=32, cores=cores, **X86_L1)
+        return CPUInfo(lanes=16, registers=32, cores=cores, l2_bytes=AVX512_L2, **X86_L1)
     if has("avx2") or has("avx"):
-        return CPUInfo(lanes=8, registers=16, cores=cores, **X86_L1)
+        return CPUInfo(lanes=8, registers=16, cores=cores, l2_bytes=AVX2_L2, **X86_L1)
     if has("neon"):
-        return CPUInfo(lanes=4, registers=32, cores=cores, **ARM_L1)
-    return CPUInfo(lanes=4, registers=16, cores=cores, **X86_L1)  # SSE-class x86 or unknown
+        return CPUInfo(lanes=4, registers=32, cores=cores, l2_bytes=ARM_L2, **ARM_L1)
+    # SSE-class x86 or unknown
+    return CPUInfo(lanes=4, registers=16, cores=cores, l2_bytes=AVX2_L2, **X86_L1)
 
 
 def channel_vector(channels: int, lanes: int) -> int:
