@@ -104,3 +104,26 @@ def substitute(expr, variables: list, values: list):
     if not variables:
         return expr
     return tirx.IndexMap(list(variables), [expr], None).map_indices(list(values))[0]
+
+
+def loops_to(stmt, target) -> list | None:
+    """The loops from ``stmt`` down to the block realization ``target``, outermost
+    first, or None when ``target`` is not inside ``stmt``."""
+    from tvm import s_tir, tirx
+
+    if stmt.same_as(target):
+        return []
+    children = []
+    if isinstance(stmt, (tirx.For, tirx.AttrStmt)):
+        children = [stmt.body]
+    elif isinstance(stmt, tirx.SeqStmt):
+        children = list(stmt.seq)
+    elif isinstance(stmt, s_tir.SBlockRealize):
+        children = [stmt.block.body]
+    elif isinstance(stmt, tirx.IfThenElse):
+        children = [c for c in (stmt.then_case, stmt.else_case) if c is not None]
+    for child in children:
+        path = loops_to(child, target)
+        if path is not None:
+            return ([stmt] if isinstance(stmt, tirx.For) else []) + path
+    return None

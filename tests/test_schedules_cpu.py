@@ -389,11 +389,67 @@ def test_tiles_prefetch_the_next_weight_panel():
     mod = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
     text = mod["main"].script()
     assert re.search(r"for prefetch_line in range\(T\.int64\(16\)\)", text)
-    assert "T.prefetch(" in text and text.count("T.prefetch(") == 1
+    # One prefetch of the next panel; the write-back's two (a vector's first and last
+    # lane of the output: ``epilogue_prefetch``).
+    assert text.count("T.prefetch(") == 3
+    assert len(re.findall(r"for prefetch_line in range[^\n]*\n\s*T\.prefetch\(", text)) == 1
     assert schedules.finish_kernels()(mod)["main"].same_as(mod["main"])  # marks removed
     # Unmarked kernels pass through unchanged.
     plain = tvm.IRModule({"main": func})
     assert schedules.finish_kernels()(plain)["main"].same_as(func)
+
+
+class _Residual(nn.Module):
+    """A 1x1 conv with batch norm and a residual add (Xception's middle-flow ending)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + x
+
+
+def test_tiles_prefetch_their_write_back():
+    """Each tile, as it starts, prefetches the lines its write-back will touch
+    (``epilogue_prefetch``): the output's for writing and the residual's for reading, a
+    vector's first and last lane for every row and vector of the tile, not the bias's
+    (the same lines for every row), under the write-back's predicate where the rows or
+    channels are padded; the kernel computes what the unscheduled one does, and the
+    machine code has the write prefetches."""
+    import re
+
+    import tvm
+    from tvm import s_tir
+
+    from xcompile import schedules
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = HOST.tvm_target()
+    kernels = lowered_kernels(_Residual(40), (1, 40, 13, 13))
+    (name, func), = [(n, f) for n, f in kernels.items() if "conv2d" in n]
+    sch = s_tir.Schedule(func)
+    conv = match_conv2d_nhwc(sch)
+    config = PackedConvGEMM().configs(conv, target)[0]
+    PackedConvGEMM._schedule(sch, conv, config, cpu_info(target).lanes)
+    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
+    text = finished["main"].script()
+    # The parameters: the conv's input, weights and bias, the residual (the same tensor
+    # as the input in the graph, a parameter of its own here), the output.
+    params = re.findall(r"(\w+): T\.Buffer", text.split("def main", 1)[1].split("\n")[0])
+    assert len(params) == 5, params
+    residual, out = params[-2], params[-1]
+    fetched = re.findall(r"T\.prefetch\(T\.address_of\((\w+)\[[^\n]*\]\), (\d), 2, 1\)",
+                         text)
+    assert sorted(set(fetched)) == sorted({(out, "1"), (residual, "0")}), fetched
+    assert len(fetched) == 4  # two lanes of each
+    # 169 rows and 40 channels pad to whole tiles: the write-back's predicate guards them.
+    assert re.search(r"_pf[^\n]*<[^\n]*\n\s*T\.prefetch\(", text), text
+    assert_computes_the_same(func, sch.mod["main"])
+    assert "prefetchw" in _asm(func, "x86-avx512")  # (Haswell, AVX2's CPU, has none)
+    assert "pstl2keep" in _asm(func, "arm64-neon")
 
 
 def test_prefetching_tiles_compute_the_same_and_prefetch():

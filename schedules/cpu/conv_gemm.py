@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ..padded_rows import READ_LAST_ROW
+from ..epilogue_prefetch import EPILOGUE
 from ..prefetch import PREFETCH
 from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
@@ -438,6 +439,8 @@ class PackedConvGEMM(ConfigRule):
             sch.annotate(mt, PREFETCH, per_group // nr)
             sch.annotate(part, PREFETCH, per_group // nr)
         sch.reverse_compute_at(wb, tiles[-1])
+        # The write-back's lines prefetched as each tile starts (``epilogue_prefetch``).
+        sch.annotate(tiles[-1], EPILOGUE, True)
         if config.direct and conv.rows_in_place:
             # The input rows where they lie: the padded rows' guarded reads become reads of
             # the last row (``schedules.padded_rows``; their results are dropped).
