@@ -21,21 +21,14 @@ per kernel in the model), batch 8 0.978x and 0.982x (the entry flow's GEMMs 0.90
 from __future__ import annotations
 
 from .prefetch import LOCALITY_L2
-from .tir_walk import loops_to, map_stmt, nodes, substitute, with_loop_body, without_key
+from .tir_walk import loops_to, nodes, stmt_pass, substitute, with_loop_body, without_key
 
 EPILOGUE = "xcompile.prefetch_epilogue"
 
 
 def insert_epilogue_prefetch():
     """A PrimFunc pass: the prefetches the marks above ask for (a no-op elsewhere)."""
-    import tvm
-
-    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="xcompile.EpiloguePrefetch")
-    def _pass(func, _mod, _ctx):
-        body = map_stmt(func.body, _marked_loop)
-        return func if body.same_as(func.body) else func.with_body(body)
-
-    return _pass
+    return stmt_pass("xcompile.EpiloguePrefetch", _marked_loop)
 
 
 def _marked_loop(node):

@@ -13,7 +13,7 @@ against the packed panel (weights rotated out of cache), 1.040 -> 1.001 warm.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, substitute, with_block_body, without_key
+from .tir_walk import stmt_pass, substitute, with_block_body, without_key
 
 READ_LAST_ROW = "xcompile.padded_rows_read_last"
 
@@ -21,14 +21,7 @@ READ_LAST_ROW = "xcompile.padded_rows_read_last"
 def clamp_padded_rows():
     """A PrimFunc pass: the marked blocks' guarded row reads -> clamped reads (a no-op
     elsewhere)."""
-    import tvm
-
-    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="xcompile.ClampPaddedRows")
-    def _pass(func, _mod, _ctx):
-        body = map_stmt(func.body, _clamped)
-        return func if body.same_as(func.body) else func.with_body(body)
-
-    return _pass
+    return stmt_pass("xcompile.ClampPaddedRows", _clamped)
 
 
 def _clamped(node):

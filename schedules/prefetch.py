@@ -25,7 +25,8 @@ LICM knows); there the kernel ran 1.5x as long.
 
 from __future__ import annotations
 
-from .tir_walk import map_stmt, nodes, substitute, with_loop_body, without_key
+from .tir_walk import (map_stmt, nodes, stmt_pass, substitute, with_loop_body,
+                        without_key)
 
 PREFETCH = "xcompile.prefetch_next_panel"
 LINE_BYTES = 64
@@ -36,14 +37,7 @@ LOCALITY_L2 = 2
 
 def insert_panel_prefetch():
     """A PrimFunc pass: the prefetches the marks above ask for (a no-op elsewhere)."""
-    import tvm
-
-    @tvm.tirx.transform.prim_func_pass(opt_level=0, name="xcompile.PanelPrefetch")
-    def _pass(func, _mod, _ctx):
-        body = map_stmt(func.body, _outer_loop)
-        return func if body.same_as(func.body) else func.with_body(body)
-
-    return _pass
+    return stmt_pass("xcompile.PanelPrefetch", _outer_loop)
 
 
 def _marked(node) -> bool:

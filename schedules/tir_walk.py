@@ -47,6 +47,20 @@ def map_stmt(stmt, fn: Callable):
     return new if out is None else out
 
 
+def stmt_pass(name: str, fn: Callable):
+    """A PrimFunc pass (named ``name``) rebuilding each kernel's body with
+    ``map_stmt(body, fn)``; a kernel ``fn`` leaves as it is comes back as the same
+    object."""
+    import tvm
+
+    @tvm.tirx.transform.prim_func_pass(opt_level=0, name=name)
+    def _pass(func, _mod, _ctx):
+        body = map_stmt(func.body, fn)
+        return func if body.same_as(func.body) else func.with_body(body)
+
+    return _pass
+
+
 def with_block_body(block, body, annotations=None):
     """``block`` (an SBlock) with another body (and, when given, other annotations)."""
     from tvm import s_tir
@@ -65,6 +79,21 @@ def with_loop_body(loop, body, annotations=None):
                     loop.annotations if annotations is None else annotations, loop.step)
 
 
+def children(stmt) -> list:
+    """The statements directly inside ``stmt`` that the walks here descend into."""
+    from tvm import s_tir, tirx
+
+    if isinstance(stmt, (tirx.For, tirx.AttrStmt)):
+        return [stmt.body]
+    if isinstance(stmt, tirx.SeqStmt):
+        return list(stmt.seq)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        return [stmt.block.body]
+    if isinstance(stmt, tirx.IfThenElse):
+        return [c for c in (stmt.then_case, stmt.else_case) if c is not None]
+    return []
+
+
 def nodes(stmt) -> list:
     """The loops and block realizations in ``stmt`` in program order, each before the
     nodes inside it."""
@@ -75,17 +104,8 @@ def nodes(stmt) -> list:
     def visit(node):
         if isinstance(node, (tirx.For, s_tir.SBlockRealize)):
             found.append(node)
-        if isinstance(node, tirx.For) or isinstance(node, tirx.AttrStmt):
-            visit(node.body)
-        elif isinstance(node, tirx.SeqStmt):
-            for s in node.seq:
-                visit(s)
-        elif isinstance(node, s_tir.SBlockRealize):
-            visit(node.block.body)
-        elif isinstance(node, tirx.IfThenElse):
-            visit(node.then_case)
-            if node.else_case is not None:
-                visit(node.else_case)
+        for child in children(node):
+            visit(child)
 
     visit(stmt)
     return found
@@ -109,20 +129,11 @@ def substitute(expr, variables: list, values: list):
 def loops_to(stmt, target) -> list | None:
     """The loops from ``stmt`` down to the block realization ``target``, outermost
     first, or None when ``target`` is not inside ``stmt``."""
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
     if stmt.same_as(target):
         return []
-    children = []
-    if isinstance(stmt, (tirx.For, tirx.AttrStmt)):
-        children = [stmt.body]
-    elif isinstance(stmt, tirx.SeqStmt):
-        children = list(stmt.seq)
-    elif isinstance(stmt, s_tir.SBlockRealize):
-        children = [stmt.block.body]
-    elif isinstance(stmt, tirx.IfThenElse):
-        children = [c for c in (stmt.then_case, stmt.else_case) if c is not None]
-    for child in children:
+    for child in children(stmt):
         path = loops_to(child, target)
         if path is not None:
             return ([stmt] if isinstance(stmt, tirx.For) else []) + path

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from ..padded_rows import READ_LAST_ROW
 from ..epilogue_prefetch import EPILOGUE
+from ..padded_rows import READ_LAST_ROW
 from ..prefetch import PREFETCH
 from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
