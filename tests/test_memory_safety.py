@@ -1,7 +1,8 @@
 """Memory safety: every kernel of the test models runs with each of its buffers placed
 against unmapped guard pages (``guard_pages.py``), for every CPU preset this machine
 executes: padding 0, 1, 2 and asymmetric, strides 1 and 2, batch 1 and 2, fused and
-unfused separable convolutions, channel counts that do not fill whole vectors."""
+unfused separable convolutions, channel counts that do not fill whole vectors (odd ones:
+overlapped full-width vectors)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def models(tmp_path_factory, xception71_onnx):
         # 76x76: its SiLU depthwise rows of 19 and 10 pixels run as uneven register
         # tiles (10 + 9), the last one under a bounds check.
         "mobile": export_torch(make_mobile_cnn(), root / "mobile.onnx", (2, 3, 76, 76)),
+        # Odd channel counts: depthwise convs in full-width vectors, the last tile moved
+        # back over the one before (``schedules.overlapped_vectors``); 16x16 and 8x8 maps,
+        # so that the feature maps end on a 64-byte boundary, right at the guard.
+        "odd": export_torch(nn.Sequential(
+            nn.Conv2d(3, 27, 3, 2, 1), nn.ReLU(), nn.Conv2d(27, 27, 3, 1, 1, groups=27),
+            nn.Conv2d(27, 45, 1), nn.BatchNorm2d(45), nn.ReLU(),
+            nn.Conv2d(45, 45, 3, 2, 1, groups=45), nn.ReLU()).eval(),
+            root / "odd.onnx", (2, 3, 32, 32)),
         "xception71": xception71_onnx,
     }
 
@@ -56,10 +65,10 @@ def models(tmp_path_factory, xception71_onnx):
 @pytest.mark.parametrize("preset", executable_cpu_presets())
 @pytest.mark.parametrize("model,batch,fuse", [
     ("stem", 1, False), ("stem", 2, False), ("asymmetric", 2, False),
-    ("mobile", 2, False), ("mobile", 1, True), ("mobile", 2, True),
+    ("mobile", 2, False), ("mobile", 1, True), ("mobile", 2, True), ("odd", 2, False),
     ("xception71", 1, False), ("xception71", 2, True),
 ], ids=["stem-b1", "stem-b2", "keras-asymmetric-b2", "mobile-b2", "mobile-fused-b1",
-        "mobile-fused-b2", "xception71-b1", "xception71-fused-b2"])
+        "mobile-fused-b2", "odd-channels-b2", "xception71-b1", "xception71-fused-b2"])
 def test_kernels_stay_inside_their_buffers(models, model, batch, fuse, preset):
     args = [models[model], preset, batch] + (["--fuse-separable"] if fuse else [])
     assert_all_kernels_ok(run_harness(*args))

@@ -72,15 +72,73 @@ def test_separable_matches_unscheduled(case, preset):
 @pytest.mark.parametrize("channels,lanes", [(12, 4), (728, 8), (40, 8), (13, 1)])
 def test_depthwise_takes_any_channel_count(channels, lanes, preset):
     """Channels that do not fill whole vectors of the target get the widest whole
-    vectors that divide them (an odd count: scalar code), never the generic rule."""
+    vectors that divide them, or, where those are under half the target's width and
+    the channels fill one vector, full-width vectors, the last overlapping the one
+    before (13 channels: scalar code on AVX-512, 8 lanes on AVX2, 4 on NEON); never the
+    generic rule."""
     from xcompile.schedules.cpu.target_info import channel_vector, cpu_info
 
+    full = cpu_info(preset.tvm_target()).lanes
     func = conv_kernel(channels, channels, size=9, k=3, pad=1, groups=channels)
-    width = channel_vector(channels, cpu_info(preset.tvm_target()).lanes)
-    assert width == min(lanes, cpu_info(preset.tvm_target()).lanes)
+    whole = channel_vector(channels, full)
+    assert whole == min(lanes, full)
+    overlapped = channels > full and whole < full // 2
+    width = full if overlapped else whole
+    assert VectorDepthwise().all_configs(func, preset.tvm_target())[0].overlapped == overlapped
     sch = check_rule(VectorDepthwise(), func, preset, vectorized=width > 1)
     if width > 1:
         assert f"T.vectorized(T.int64({width}))" in sch.mod["main"].script()
+
+
+@pytest.mark.parametrize("name", CPU_PRESETS)
+def test_depthwise_overlaps_vectors_where_whole_ones_are_narrow(name):
+    """The default (every preset's width from its target): 61 channels (odd: whole
+    vectors are scalar) in full-width vectors, the last overlapping; 728 (8 of 16 lanes
+    on AVX-512, 91 of 8 on AVX2) and 40 in whole vectors, the overlapped ones left to
+    the tuner where they fit."""
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = targets.resolve(name).tvm_target()
+    lanes = cpu_info(target).lanes
+    rule = VectorDepthwise()
+    odd = rule.all_configs(depthwise_kernel(c=61, size=9, k=3, pad=1), target)
+    assert odd[0].overlapped and {c.overlapped for c in odd} == {True, False}
+    for c, fits in ((728, 728 % lanes != 0), (40, 40 % lanes != 0)):
+        configs = rule.all_configs(depthwise_kernel(c=c, size=9, k=3, pad=1), target)
+        assert not configs[0].overlapped, (name, c)
+        assert any(config.overlapped for config in configs) == fits, (name, c)
+
+
+def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
+    """Every overlapped configuration of 61 channels (1, 2 or 4 full-width vectors a
+    tile, both loop orders, a row tile of pixels) computes what the unscheduled kernel
+    does at batch 2; the finished kernel keeps no channel predicate (it vectorizes
+    whole) and moves the last tile back by a ``min``; a second run of the pass changes
+    nothing. (Two vectors a tile once moved the second onto the first and added the
+    overlap into the same accumulators twice.)"""
+    import tvm
+    import tvm_ffi
+
+    from xcompile import schedules
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    target = preset.tvm_target()
+    lanes = cpu_info(target).lanes
+    func = depthwise_kernel(c=61, size=9, k=3, pad=1, batch=2)
+    configs = [c for c in VectorDepthwise().all_configs(func, target) if c.overlapped]
+    assert {c.vectors for c in configs} == {v for v in (1, 2, 4)
+                                           if -(-61 // lanes) % v == 0 and v * lanes <= 61}
+    for config in configs:
+        sch = VectorDepthwise().apply_config(func, target, config)
+        assert_computes_the_same(func, sch.mod["main"], target)
+        mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+        finished = schedules.finish_kernels()(mod)
+        script = finished["main"].script()
+        wheres = [ln for ln in script.splitlines() if "T.where" in ln]
+        assert not [ln for ln in wheres if "ff_" in ln], (config, wheres)  # (pixels': kept)
+        assert "T.min(" in script and f"T.int64({61 - config.vectors * lanes})" in script
+        assert f"T.vectorized(T.int64({lanes}))" in script
+        assert tvm_ffi.structural_equal(schedules.finish_kernels()(finished), finished)
 
 
 class _Head(nn.Module):

@@ -1,10 +1,11 @@
 """Depthwise NHWC convolution (any kernel size, stride, padding, channel multiplier).
 
 Memory-bound: one pass over the input, vectorized over channels (contiguous in NHWC;
-whole vectors of the widest width that divides the channels, see ``channel_vector``), a
-register tile of output pixels along a row (one accumulator vector each) held across the
-KHxKW window, the elementwise epilogue (batch norm, activation) fused into its
-write-back, rows of output pixels in parallel.
+whole vectors of the widest width that divides the channels, see ``channel_vector``, or,
+where that is under half the target's, vectors of its full width, the last overlapping
+the one before, see ``overlaps_pay``), a register tile of output pixels along a row (one
+accumulator vector each) held across the KHxKW window, the elementwise epilogue (batch
+norm, activation) fused into its write-back, rows of output pixels in parallel.
 
 The tile is one pixel, or under a heavy epilogue a row split as evenly as half the vector
 registers allow (``row_tile``); the tuner tries the others. Within a row, each channel
@@ -27,11 +28,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..analysis import DEPTHWISE, accumulate_locally, match_conv
+from ..overlapped_vectors import OVERLAP_CHANNELS
 from ..prefetch import LINE_BYTES
 from ..rule import ConfigRule
-from ..analysis import DEPTHWISE, accumulate_locally, match_conv
 from .generic import schedule_tail
-from .target_info import channel_vector, cpu_info
+from .target_info import channel_vector, cpu_info, overlaps_fit, overlaps_pay
 
 
 # Operations per element (``Conv2DNHWC.epilogue_ops``) from which the default tile has a
@@ -88,14 +90,18 @@ def channels_outside(conv, info) -> bool:
 class DepthwiseTile:
     """``vectors`` channel vectors x ``pixels`` output pixels of a row per register tile;
     ``channels_outer``: the loop over a row's channel vectors outside the loop over its
-    pixels (each channel vector's weights held across the row), else inside it."""
+    pixels (each channel vector's weights held across the row), else inside it;
+    ``overlapped``: vectors of the target's full width, the last overlapping the one
+    before it (``schedules.overlapped_vectors``), else whole vectors of the widest width
+    that divides the channels (``channel_vector``)."""
 
     vectors: int = 1
     pixels: int = 1
-    # Added after tuning logs were written: at its default (the order those logs timed)
-    # it stays out of a configuration's key (``ConfigRule.config_to_json``).
+    # Added after tuning logs were written: at their defaults (what those logs timed)
+    # they stay out of a configuration's key (``ConfigRule.config_to_json``).
     channels_outer: bool = False
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("channels_outer",)
+    overlapped: bool = False
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("channels_outer", "overlapped")
 
 
 class VectorDepthwise(ConfigRule):
@@ -110,26 +116,34 @@ class VectorDepthwise(ConfigRule):
 
     def configs(self, conv, target) -> list[DepthwiseTile]:
         """The default first: one vector x one pixel, or x ``row_tile`` pixels under a
-        heavy epilogue (``HEAVY_EPILOGUE``), channels outside pixels; then the other
-        tiles of 1, 2 or 4 vectors that divide the channels by one pixel or the row
-        split evenly (``row_tile``), with at most half the vector registers as
-        accumulators, in both orders. (2, 4 and 8 pixels too doubled the configurations
-        the tuner times; in the shipped logs' timings none of them was the fastest for
-        any of Xception's depthwise convs: one pixel was, or the row for the 10x10
-        ones.)"""
+        heavy epilogue (``HEAVY_EPILOGUE``), channels outside pixels, overlapped
+        vectors where they pay (``overlaps_pay``); then the other tiles of 1, 2 or 4
+        vectors that divide the channel vectors by one pixel or the row split evenly
+        (``row_tile``), with at most half the vector registers as accumulators, in both
+        orders, with either kind of vector where overlapped ones fit (``overlaps_fit``).
+        (2, 4 and 8 pixels too doubled the configurations the tuner times; in the
+        shipped logs' timings none of them was the fastest for any of Xception's
+        depthwise convs: one pixel was, or the row for the 10x10 ones.)"""
         _, _, width, channels = conv.out_shape
         info = cpu_info(target)
-        lanes = channel_vector(channels, info.lanes)
+        overlap = overlaps_pay(channels, info.lanes)
+        kinds = (True, False) if overlaps_fit(channels, info.lanes) else (False,)
         pixels = row_tile(width, info.registers) if conv.epilogue_ops >= HEAVY_EPILOGUE else 1
-        default = DepthwiseTile(1, pixels, channels_outer=channels_outside(conv, info))
-        others = [DepthwiseTile(v, p, outer) for outer in (True, False) for v in (1, 2, 4)
-                  for p in sorted({1, row_tile(width, info.registers, v)})
-                  if channels % (v * lanes) == 0 and p <= width
-                  and v * p <= info.registers // 2]
+        default = DepthwiseTile(1, pixels, channels_outside(conv, info), overlap)
+        others = []
+        for overlapped in kinds:
+            lanes = info.lanes if overlapped else channel_vector(channels, info.lanes)
+            others += [DepthwiseTile(v, p, outer, overlapped)
+                       for outer in (True, False) for v in (1, 2, 4)
+                       for p in sorted({1, row_tile(width, info.registers, v)})
+                       if -(-channels // lanes) % v == 0 and v * lanes <= channels
+                       and p <= width and v * p <= info.registers // 2]
         return [default] + [c for c in others if c != default]
 
     def schedule(self, sch, conv, config: DepthwiseTile, target) -> None:
-        lanes = channel_vector(conv.out_shape[3], cpu_info(target).lanes)
+        lanes = cpu_info(target).lanes
+        if not (config.overlapped and overlaps_fit(conv.out_shape[3], lanes)):
+            lanes = channel_vector(conv.out_shape[3], lanes)
         self._schedule(sch, conv, lanes, config)
 
     @staticmethod
@@ -140,6 +154,11 @@ class VectorDepthwise(ConfigRule):
         rows = sch.fuse(n, y)
         xo, xi = sch.split(x, [None, config.pixels])
         co, cu, cv = sch.split(c, [None, config.vectors, lanes])
+        channels = conv.out_shape[3]
+        if channels % lanes:
+            # Full-width vectors past the last channel: the last tile moved back to overlap
+            # the one before (``schedules.overlapped_vectors``; ``overlaps_pay``).
+            sch.annotate(co, OVERLAP_CHANNELS, channels)
         outer, inner = (co, xo) if config.channels_outer else (xo, co)
         sch.reorder(rows, outer, inner, ry, rx, rc, xi, cu, cv)
         sch.reverse_compute_at(wb, inner)

@@ -65,3 +65,23 @@ def channel_vector(channels: int, lanes: int) -> int:
     while channels % width:
         width //= 2
     return width
+
+
+def overlaps_fit(channels: int, lanes: int) -> bool:
+    """Whether ``channels`` can run in vectors of the target's full width, the last one
+    overlapping the one before it (``schedules.overlapped_vectors``): they fill one
+    vector, and the width does not divide them (728 on AVX-512: 46 vectors of 16)."""
+    return channels > lanes and channels % lanes != 0
+
+
+def overlaps_pay(channels: int, lanes: int) -> bool:
+    """Whether overlapped full-width vectors (``overlaps_fit``) are the default: where
+    the widest whole vectors (``channel_vector``) are under half the width.
+
+    Measured on a 2-core Zen 4 (AVX-512), depthwise 3x3 convs alone, warm, overlapped
+    against whole vectors: 105 channels (1 lane, scalar code) 0.19x as long, 36 (4
+    lanes) 0.84x; 40 (8 lanes) 1.11x (48 channels' work for 40), 120 0.92x, and
+    legacy_xception's 19x19x728 ones 0.86x alone but the same in the model, batch 1 and
+    8 (their rows come from memory either way): at half the width they are left to the
+    tuner."""
+    return overlaps_fit(channels, lanes) and channel_vector(channels, lanes) < lanes // 2

@@ -1,0 +1,122 @@
+"""Whole vectors over a channel count the vector width does not divide: the last tile of
+vectors moved back to overlap the one before it.
+
+A schedule that splits ``channels`` into vectors of the target's full width (61 on
+AVX-512: 4 vectors of 16, the last past the end) gets a predicate from the split,
+``vector * 16 + lane < 61``, under which TVM's vectorizer gives up and emits scalar code
+for the whole loop. The schedule instead marks the loop over the tiles of vectors with
+``OVERLAP_CHANNELS`` = the channel count, and this pass moves each tile's first channel
+to ``min(tile * span, channels - span)`` (span: the tile's channels) in every block under
+that loop and drops the channel predicate: the last vector covers channels 45-60, three
+of them computed a second time, to the same values, by the thread that computed them
+first. Every access stays in bounds and the loop vectorizes whole. (TVM 0.27's
+buffer-level predication, the alternative, rewrites only accesses whose index is the
+predicate's own ramp, which a multi-dimensional feature map's are not.) Where it pays
+is ``cpu.target_info.overlaps_pay``: for odd channel counts, 16 lanes instead of scalar
+code ran 0.19x as long.
+
+Only what recomputes its outputs from unchanged inputs may be marked: the blocks under
+the loop write what they read from nowhere else (a convolution's accumulators and its
+fused write-back).
+"""
+
+from __future__ import annotations
+
+from .tir_walk import map_stmt, nodes, stmt_pass, substitute, with_loop_body, without_key
+
+OVERLAP_CHANNELS = "xcompile.overlap_channels"
+
+
+def overlap_last_vector():
+    """A PrimFunc pass: the marked loops' blocks -> overlapping whole vectors (a no-op
+    elsewhere)."""
+    return stmt_pass("xcompile.OverlapLastVector", _overlapped)
+
+
+def _overlapped(node):
+    from tvm import tirx
+
+    if not isinstance(node, tirx.For) or OVERLAP_CHANNELS not in node.annotations:
+        return None
+    channels = int(node.annotations[OVERLAP_CHANNELS])
+    spans, failed = set(), []
+
+    def rewrite(n):
+        new = _block(n, node.loop_var, channels)
+        if new is False:
+            failed.append(n)
+            return None
+        if new is not None:
+            new, span = new
+            spans.add(span)
+        return new
+
+    body = map_stmt(node.body, rewrite)
+    # The mark goes with the rewrite: a second run of the pass changes nothing. Where a
+    # block cannot be moved, or the blocks' tiles differ, none is (they share the tile's
+    # accumulators): the loop keeps its predicates, correct and scalar.
+    return with_loop_body(node, node.body if failed or len(spans) > 1 else body,
+                          without_key(node.annotations, OVERLAP_CHANNELS))
+
+
+def _block(node, tile, channels: int):
+    """A block realization under the loop over the tiles of channel vectors (``tile``):
+    its channel binding ``tile * span + offset`` -> ``min(tile * span, channels - span)
+    + offset``, and the conditions on the offset's loops out of its predicate, with the
+    span; None where it binds no channel to ``tile``, False where the binding is not of
+    that form or the span exceeds the channels.
+
+    The whole tile moves, not its last vector alone: a tile of two vectors whose second
+    moved back onto its first would add the overlap into the same accumulators twice."""
+    from tvm import s_tir, tirx
+
+    if not isinstance(node, s_tir.SBlockRealize):
+        return None
+    values = list(node.iter_values)
+    inner = []
+    span = None
+    for i, value in enumerate(values):
+        used = tirx.analysis.undefined_vars(value)
+        if not any(v.same_as(tile) for v in used):
+            continue
+        inner = [v for v in used if not v.same_as(tile)]
+        dtype = str(tile.ty.dtype)
+        zeros = [tirx.const(0, dtype)] * len(inner)
+        first = substitute(value, inner, zeros)
+        span = substitute(first, [tile], [tirx.const(1, dtype)]) - substitute(
+            first, [tile], [tirx.const(0, dtype)])
+        offset = substitute(value, [tile], [tirx.const(0, dtype)])
+        if not (_proves(first - tile * span) and isinstance(_simplified(span), tirx.IntImm)):
+            return False  # not ``tile * span + offset``
+        span = int(_simplified(span).value)
+        if span > channels:
+            return False
+        values[i] = tirx.min(first, tirx.const(channels - span, dtype)) + offset
+    if span is None:
+        return None
+    kept = [c for c in _conjuncts(node.predicate)
+            if not any(v.same_as(w) for v in tirx.analysis.undefined_vars(c) for w in inner)]
+    predicate = kept[0] if kept else tirx.const(True, "bool")
+    for c in kept[1:]:
+        predicate = tirx.And(predicate, c)
+    return s_tir.SBlockRealize(values, predicate, node.block), span
+
+
+def _proves(zero) -> bool:
+    from tvm.sym.analyzer import Analyzer
+
+    return Analyzer().can_prove_equal(zero, 0)
+
+
+def _simplified(expr):
+    from tvm.sym.analyzer import Analyzer
+
+    return Analyzer().simplify(expr)
+
+
+def _conjuncts(expr) -> list:
+    from tvm import tirx
+
+    if isinstance(expr, tirx.And):
+        return _conjuncts(expr.a) + _conjuncts(expr.b)
+    return [expr]
