@@ -295,23 +295,36 @@ class _Pools(nn.Module):
         return torch.relu(self.avg(y)).mean((2, 3))
 
 
-@pytest.mark.parametrize("channels", [64, 13])
+@pytest.mark.parametrize("channels", [64, 13, 37])
 def test_reduction_rule_on_pools_and_means(channels, preset):
     """Pools and means get one parallel loop nest, a channel vector's accumulator held
     over the window and the epilogue (the residual add, the ReLU, the division) in its
     write-back, and compute what the unscheduled kernels do; convolutions and the
-    matrix product are not theirs."""
+    matrix product are not theirs. 37 channels (odd, over every preset's width): the
+    pools run full-width vectors, the last moved back (no channel predicate left)."""
+    import tvm
+
+    from xcompile import schedules
     from xcompile.schedules.cpu import VectorReduction
+    from xcompile.schedules.cpu.target_info import cpu_info
 
     target = preset.tvm_target()
+    lanes = cpu_info(target).lanes
     kernels = lowered_kernels(_Pools(channels), (2, channels, 19, 19))
     reductions = {n: f for n, f in kernels.items()
                   if any(k in n for k in ("pool", "mean", "sum"))}
     assert len(reductions) >= 3, sorted(kernels)
     for name, func in reductions.items():
-        sch = check_rule(VectorReduction(), func, preset, vectorized=channels % 4 == 0)
+        sch = check_rule(VectorReduction(), func, preset, vectorized=channels % 4 == 0
+                         or (channels == 37 and "pool" in name))
         script = sch.mod["main"].script()
         assert script.count("T.parallel") == 1, name  # no second pass for the epilogue
+        if channels == 37 and "pool" in name:
+            finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
+            text = finished["main"].script()
+            assert f"T.vectorized(T.int64({lanes}))" in text and "T.min(" in text, name
+            assert not [ln for ln in text.splitlines()
+                        if "T.where" in ln and "_0 *" in ln], name
     for name, func in lowered_kernels(_Head(), (1, 64, 38, 38)).items():
         if "conv2d" in name or "matmul" in name:
             assert VectorReduction().apply(func, target) is None, name

@@ -2,7 +2,8 @@
 elementwise epilogue.
 
 The spatial loops run in parallel, a vector of the output's contiguous axis (channels in
-NHWC) at a time; its accumulator stays in registers over the window, and the epilogue (a
+NHWC) at a time (whole vectors, or full-width ones overlapping where whole ones would be
+under half the width: ``target_info.overlaps_pay``); its accumulator stays in registers over the window, and the epilogue (a
 residual add after a max pool, as in each of Xception's entry-flow blocks) is computed
 in the write-back, not in a pass of its own over the pooled map. The generic rule wrote
 the pooled map out and read it back for the add: Xception's first pool and add
@@ -11,10 +12,13 @@ the pooled map out and read it back for the add: Xception's first pool and add
 
 from __future__ import annotations
 
+import math
+
 from ..analysis import fuse_epilogue, iter_kinds, match_reduction
+from ..overlapped_vectors import OVERLAP_CHANNELS
 from ..rule import ConfigRule
 from .generic import MIN_PARALLEL
-from .target_info import channel_vector, cpu_info
+from .target_info import channel_vector, cpu_info, overlaps_pay
 
 
 class VectorReduction(ConfigRule):
@@ -42,8 +46,17 @@ class VectorReduction(ConfigRule):
         spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
         reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
         channels = int(sch.get(spatial[-1]).extent)
-        lanes = channel_vector(channels, cpu_info(target).lanes)
+        lanes = cpu_info(target).lanes
+        # Overlapped vectors where pixels run in parallel outside the channel vectors (the
+        # loop the pass moves stays a loop of its own).
+        pixels = math.prod(int(sch.get(lp).extent) for lp in spatial[:-1])
+        if not (pixels >= MIN_PARALLEL and overlaps_pay(channels, lanes)):
+            lanes = channel_vector(channels, lanes)
         co, cv = sch.split(spatial[-1], [None, lanes])
+        if channels % lanes:
+            # Full-width vectors, the last moved back over the one before
+            # (``schedules.overlapped_vectors``; odd counts: instead of scalar code).
+            sch.annotate(co, OVERLAP_CHANNELS, channels)
         outer = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else None
         sch.reorder(*([outer] if outer is not None else []), co, *reduce, cv)
         # In parallel: the pixels, or with too few of them (a mean over the whole map)
