@@ -2,10 +2,11 @@
 
 Memory-bound: one pass over the input, vectorized over channels (contiguous in NHWC;
 whole vectors of the widest width that divides the channels, see ``channel_vector``, or,
-where that is under half the target's, vectors of its full width, the last overlapping
-the one before, see ``overlaps_pay``), a register tile of output pixels along a row (one
-accumulator vector each) held across the KHxKW window, the elementwise epilogue (batch
-norm, activation) fused into its write-back, rows of output pixels in parallel.
+where that is under half the target's or few channels would be computed twice, vectors of
+its full width, the last overlapping the one before, see ``overlaps_pay``), a register
+tile of output pixels along a row (one accumulator vector each) held across the KHxKW
+window, the elementwise epilogue (batch norm, activation) fused into its write-back, rows
+of output pixels in parallel.
 
 The tile is one pixel, or under a heavy epilogue a row split as evenly as half the vector
 registers allow (``row_tile``); the tuner tries the others. Within a row, each channel

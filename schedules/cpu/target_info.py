@@ -67,6 +67,11 @@ def channel_vector(channels: int, lanes: int) -> int:
     return width
 
 
+# The most of the channels an overlapped last vector may compute twice where whole
+# vectors of half the width would do (``overlaps_pay``).
+OVERLAP_SHARE = 1 / 8
+
+
 def overlaps_fit(channels: int, lanes: int) -> bool:
     """Whether ``channels`` can run in vectors of the target's full width, the last one
     overlapping the one before it (``schedules.overlapped_vectors``): they fill one
@@ -76,13 +81,17 @@ def overlaps_fit(channels: int, lanes: int) -> bool:
 
 def overlaps_pay(channels: int, lanes: int) -> bool:
     """Whether overlapped full-width vectors (``overlaps_fit``) are the default: where
-    the widest whole vectors (``channel_vector``) are under half the width.
+    the widest whole vectors (``channel_vector``) are under half the width, or where
+    the overlap is at most an eighth of the channels (``OVERLAP_SHARE``).
 
-    Measured on a 2-core Zen 4 (AVX-512), depthwise 3x3 convs alone, warm, overlapped
-    against whole vectors: 105 channels (1 lane, scalar code) 0.19x as long, 36 (4
-    lanes) 0.84x; 40 (8 lanes) 1.11x (48 channels' work for 40), 120 0.92x, and
-    legacy_xception's 19x19x728 ones 0.86x alone but the same in the model, batch 1 and
-    8 (their rows come from memory either way): at half the width they are left to the
-    tuner. A 3x3 stride-2 max pool and residual add over 37 channels (147x147 -> 74x74)
-    0.41x as long as scalar code."""
-    return overlaps_fit(channels, lanes) and channel_vector(channels, lanes) < lanes // 2
+    Measured on a 2-core Zen 4 (AVX-512) against whole vectors, depthwise 3x3 convs
+    alone, warm: 105 channels (1 lane, scalar code) 0.19x as long, 36 (4 lanes) 0.84x,
+    120 (8 lanes; 128 computed) 0.92x, 40 (8 lanes; 48 computed) 1.11x; a max pool and
+    residual add over 37 channels 0.41x. In legacy_xception (728 channels: 46 vectors of
+    16, 736 computed, against 91 of 8), per kernel in the model, interleaved both ways:
+    its 19x19x728 depthwise convs at batch 1 0.84x and 0.81x as long (the two kernels),
+    at batch 8 0.86x and 0.82x (two runs, either order)."""
+    if not overlaps_fit(channels, lanes):
+        return False
+    overlap = -(-channels // lanes) * lanes - channels
+    return channel_vector(channels, lanes) < lanes // 2 or overlap <= channels * OVERLAP_SHARE
