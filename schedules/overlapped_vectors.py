@@ -86,11 +86,11 @@ def _block(node, tile, channels: int):
         span = substitute(first, [tile], [tirx.const(1, dtype)]) - substitute(
             first, [tile], [tirx.const(0, dtype)])
         offset = substitute(value, [tile], [tirx.const(0, dtype)])
-        if not (_proves(first - tile * span) and isinstance(_simplified(span), tirx.IntImm)):
-            return False  # not ``tile * span + offset``
-        span = int(_simplified(span).value)
-        if span > channels:
-            return False
+        span = _simplified(span)
+        if not (isinstance(span, tirx.IntImm) and 0 < span.value <= channels
+                and _proves(first - tile * span) and _proves(value - offset - tile * span)):
+            return False  # not ``tile * span + offset``, or a tile wider than the channels
+        span = int(span.value)
         values[i] = tirx.min(first, tirx.const(channels - span, dtype)) + offset
     if span is None:
         return None

@@ -144,6 +144,30 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
         assert tvm_ffi.structural_equal(schedules.finish_kernels()(finished), finished)
 
 
+def test_overlap_pass_leaves_a_tile_wider_than_the_channels(preset):
+    """A tile of two 16-lane vectors over 20 channels cannot move back inside them: the
+    pass leaves every block's predicate (scalar code, the right result) and drops its
+    mark."""
+    import tvm
+    from tvm import s_tir
+
+    from xcompile import schedules
+    from xcompile.schedules.analysis import match_conv
+    from xcompile.schedules.cpu.depthwise import DepthwiseTile
+
+    target = preset.tvm_target()
+    func = depthwise_kernel(c=20, size=7, k=3, pad=1)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    conv = match_conv(sch, target, "llvm", ("depthwise",), tail=True)
+    VectorDepthwise._schedule(sch, conv, 16, DepthwiseTile(vectors=2))
+    assert "xcompile.overlap_channels" in sch.mod["main"].script()
+    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
+    script = finished["main"].script()
+    assert "xcompile.overlap_channels" not in script and "T.min(" not in script
+    assert script.count("T.where") == sch.mod["main"].script().count("T.where") > 0
+    assert_computes_the_same(func, sch.mod["main"], target)
+
+
 class _Head(nn.Module):
     """Max pool with a residual add, global average pool, FC: the rest of Xception."""
 
