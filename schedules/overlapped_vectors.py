@@ -95,7 +95,8 @@ def _block(node, tile, channels: int):
     if span is None:
         return None
     kept = [c for c in _conjuncts(node.predicate)
-            if not any(v.same_as(w) for v in tirx.analysis.undefined_vars(c) for w in inner)]
+            if not any(v.same_as(w) for v in tirx.analysis.undefined_vars(c)
+                       for w in inner)]
     predicate = kept[0] if kept else tirx.const(True, "bool")
     for c in kept[1:]:
         predicate = tirx.And(predicate, c)

@@ -86,7 +86,8 @@ def test_depthwise_takes_any_channel_count(channels, lanes, preset):
     # at most an eighth of the channels (728: 8 of them on AVX-512).
     overlapped = channels > full and (whole < full // 2 or channels == 728 and whole < full)
     width = full if overlapped else whole
-    assert VectorDepthwise().all_configs(func, preset.tvm_target())[0].overlapped == overlapped
+    default = VectorDepthwise().all_configs(func, preset.tvm_target())[0]
+    assert default.overlapped == overlapped
     sch = check_rule(VectorDepthwise(), func, preset, vectorized=width > 1)
     if width > 1:
         assert f"T.vectorized(T.int64({width}))" in sch.mod["main"].script()

@@ -2,12 +2,13 @@
 elementwise epilogue.
 
 The spatial loops run in parallel, a vector of the output's contiguous axis (channels in
-NHWC) at a time (whole vectors, or full-width ones overlapping where whole ones would be
-under half the width: ``target_info.overlaps_pay``); its accumulator stays in registers over the window, and the epilogue (a
-residual add after a max pool, as in each of Xception's entry-flow blocks) is computed
-in the write-back, not in a pass of its own over the pooled map. The generic rule wrote
-the pooled map out and read it back for the add: Xception's first pool and add
-(147x147x128 -> 74x74x128) at batch 8 took 4.9 ms on 2 Emerald Rapids cores.
+NHWC) at a time (whole vectors, or full-width ones, the last overlapping the one before,
+where ``target_info.overlaps_pay``); its accumulator stays in registers over the window,
+and the epilogue (a residual add after a max pool, as in each of Xception's entry-flow
+blocks) is computed in the write-back, not in a pass of its own over the pooled map. The
+generic rule wrote the pooled map out and read it back for the add: Xception's first
+pool and add (147x147x128 -> 74x74x128) at batch 8 took 4.9 ms on 2 Emerald Rapids
+cores.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class VectorReduction(ConfigRule):
         co, cv = sch.split(spatial[-1], [None, lanes])
         if channels % lanes:
             # Full-width vectors, the last moved back over the one before
-            # (``schedules.overlapped_vectors``; odd counts: instead of scalar code).
+            # (``schedules.overlapped_vectors``; an odd count: instead of scalar code).
             sch.annotate(co, OVERLAP_CHANNELS, channels)
         outer = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else None
         sch.reorder(*([outer] if outer is not None else []), co, *reduce, cv)

@@ -94,4 +94,5 @@ def overlaps_pay(channels: int, lanes: int) -> bool:
     if not overlaps_fit(channels, lanes):
         return False
     overlap = -(-channels // lanes) * lanes - channels
-    return channel_vector(channels, lanes) < lanes // 2 or overlap <= channels * OVERLAP_SHARE
+    narrow = channel_vector(channels, lanes) < lanes // 2
+    return narrow or overlap <= channels * OVERLAP_SHARE
