@@ -39,10 +39,11 @@ def _overlapped(node):
     if not isinstance(node, tirx.For) or OVERLAP_CHANNELS not in node.annotations:
         return None
     channels = int(node.annotations[OVERLAP_CHANNELS])
+    loops = {n.loop_var: n for n in nodes(node.body) if isinstance(n, tirx.For)}
     spans, failed = set(), []
 
     def rewrite(n):
-        new = _block(n, node.loop_var, channels)
+        new = _block(n, node.loop_var, channels, loops)
         if new is False:
             failed.append(n)
             return None
@@ -59,12 +60,13 @@ def _overlapped(node):
                           without_key(node.annotations, OVERLAP_CHANNELS))
 
 
-def _block(node, tile, channels: int):
-    """A block realization under the loop over the tiles of channel vectors (``tile``):
-    its channel binding ``tile * span + offset`` -> ``min(tile * span, channels - span)
-    + offset``, and the conditions on the offset's loops out of its predicate, with the
-    span; None where it binds no channel to ``tile``, False where the binding is not of
-    that form or the span exceeds the channels.
+def _block(node, tile, channels: int, loops: dict):
+    """A block realization under the loop over the tiles of channel vectors (``tile``;
+    ``loops``: the loops under it by variable): its channel binding ``tile * span +
+    offset``, offset within ``[0, span)``, -> ``min(tile * span, channels - span) +
+    offset``, and the conditions on the offset's loops alone out of its predicate, with
+    the span; None where it binds nothing to ``tile``, False where it binds more than one
+    axis to it, the binding is not of that form or the span exceeds the channels.
 
     The whole tile moves, not its last vector alone: a tile of two vectors whose second
     moved back onto its first would add the overlap into the same accumulators twice."""
@@ -73,34 +75,48 @@ def _block(node, tile, channels: int):
     if not isinstance(node, s_tir.SBlockRealize):
         return None
     values = list(node.iter_values)
-    inner = []
-    span = None
-    for i, value in enumerate(values):
-        used = tirx.analysis.undefined_vars(value)
-        if not any(v.same_as(tile) for v in used):
-            continue
-        inner = [v for v in used if not v.same_as(tile)]
-        dtype = str(tile.ty.dtype)
-        zeros = [tirx.const(0, dtype)] * len(inner)
-        first = substitute(value, inner, zeros)
-        span = substitute(first, [tile], [tirx.const(1, dtype)]) - substitute(
-            first, [tile], [tirx.const(0, dtype)])
-        offset = substitute(value, [tile], [tirx.const(0, dtype)])
-        span = _simplified(span)
-        if not (isinstance(span, tirx.IntImm) and 0 < span.value <= channels
-                and _proves(first - tile * span) and _proves(value - offset - tile * span)):
-            return False  # not ``tile * span + offset``, or a tile wider than the channels
-        span = int(span.value)
-        values[i] = tirx.min(first, tirx.const(channels - span, dtype)) + offset
-    if span is None:
+    bound = [i for i, v in enumerate(values)
+             if any(u.same_as(tile) for u in tirx.analysis.undefined_vars(v))]
+    if not bound:
         return None
+    if len(bound) > 1:
+        return False
+    i = bound[0]
+    value = values[i]
+    inner = [v for v in tirx.analysis.undefined_vars(value) if not v.same_as(tile)]
+    if not all(any(v.same_as(u) for u in loops) for v in inner):
+        return False  # a variable from outside the tile loop
+    dtype = str(tile.ty.dtype)
+    first = substitute(value, inner, [tirx.const(0, dtype)] * len(inner))
+    span = _simplified(substitute(first, [tile], [tirx.const(1, dtype)])
+                       - substitute(first, [tile], [tirx.const(0, dtype)]))
+    offset = substitute(value, [tile], [tirx.const(0, dtype)])
+    if not (isinstance(span, tirx.IntImm) and 0 < span.value <= channels
+            and _proves(first - tile * span) and _proves(value - offset - tile * span)
+            and _within(offset, span.value, [loops[v] for u in inner for v in loops
+                                              if v.same_as(u)])):
+        return False  # not ``tile * span + offset``, or a tile wider than the channels
+    values[i] = tirx.min(first, tirx.const(channels - span.value, dtype)) + offset
+    tile_vars = inner + [tile]
     kept = [c for c in _conjuncts(node.predicate)
-            if not any(v.same_as(w) for v in tirx.analysis.undefined_vars(c)
-                       for w in inner)]
+            if not all(any(v.same_as(w) for w in tile_vars)
+                       for v in tirx.analysis.undefined_vars(c))]
     predicate = kept[0] if kept else tirx.const(True, "bool")
     for c in kept[1:]:
         predicate = tirx.And(predicate, c)
-    return s_tir.SBlockRealize(values, predicate, node.block), span
+    return s_tir.SBlockRealize(values, predicate, node.block), span.value
+
+
+def _within(offset, span: int, loops: list) -> bool:
+    """Whether ``offset`` lies in ``[0, span)`` over the ``loops``' ranges."""
+    from tvm.ir import Range
+    from tvm.sym.analyzer import Analyzer
+
+    analyzer = Analyzer()
+    for loop in loops:
+        analyzer.bind(loop.loop_var, Range.from_min_extent(loop.min, loop.extent))
+    bounds = analyzer.const_int_bound(offset)
+    return bounds.min_value >= 0 and bounds.max_value < span
 
 
 def _proves(zero) -> bool:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kernels import executable_cpu_presets
 from torch import nn
 
@@ -18,6 +19,24 @@ from conftest import export_torch, make_mobile_cnn
 from onnx_models import keras_like
 
 HARNESS = Path(__file__).with_name("guard_pages.py")
+
+
+class _OddChannels(nn.Module):
+    """Depthwise convs over 27 and 45 channels and a max pool with a residual add over
+    45: odd counts, run in overlapped full-width vectors (16x16 and 8x8 maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 27, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(27, 27, 3, 1, 1, groups=27),
+                                  nn.Conv2d(27, 45, 1), nn.BatchNorm2d(45), nn.ReLU())
+        self.dw = nn.Conv2d(45, 45, 3, 1, 1, groups=45)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.skip = nn.Conv2d(45, 45, 1, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.relu(self.pool(self.dw(x)) + self.skip(x))
 
 
 def run_harness(*args: str) -> subprocess.CompletedProcess:
@@ -53,11 +72,7 @@ def models(tmp_path_factory, xception71_onnx):
         # Odd channel counts: depthwise convs in full-width vectors, the last tile moved
         # back over the one before (``schedules.overlapped_vectors``); 16x16 and 8x8 maps,
         # so that the feature maps end on a 64-byte boundary, right at the guard.
-        "odd": export_torch(nn.Sequential(
-            nn.Conv2d(3, 27, 3, 2, 1), nn.ReLU(), nn.Conv2d(27, 27, 3, 1, 1, groups=27),
-            nn.Conv2d(27, 45, 1), nn.BatchNorm2d(45), nn.ReLU(),
-            nn.Conv2d(45, 45, 3, 2, 1, groups=45), nn.ReLU()).eval(),
-            root / "odd.onnx", (2, 3, 32, 32)),
+        "odd": export_torch(_OddChannels().eval(), root / "odd.onnx", (2, 3, 32, 32)),
         "xception71": xception71_onnx,
     }
 

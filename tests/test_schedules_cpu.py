@@ -118,7 +118,7 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
     tile, both loop orders, a row tile of pixels) computes what the unscheduled kernel
     does at batch 2; the finished kernel keeps no channel predicate (it vectorizes
     whole) and moves the last tile back by a ``min``; a second run of the pass changes
-    nothing. (Two vectors a tile once moved the second onto the first and added the
+    nothing. So does a depthwise conv with a channel multiplier (39 = 13 x 3 channels). (Two vectors a tile once moved the second onto the first and added the
     overlap into the same accumulators twice.)"""
     import tvm
     import tvm_ffi
@@ -130,8 +130,8 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
     lanes = cpu_info(target).lanes
     func = depthwise_kernel(c=61, size=9, k=3, pad=1, batch=2)
     configs = [c for c in VectorDepthwise().all_configs(func, target) if c.overlapped]
-    assert {c.vectors for c in configs} == {v for v in (1, 2, 4)
-                                           if -(-61 // lanes) % v == 0 and v * lanes <= 61}
+    # Tiles that divide the vectors and fit the channels: 4 of 16 lanes, 8 of 8, 16 of 4.
+    assert {c.vectors for c in configs} == {16: {1, 2}, 8: {1, 2, 4}, 4: {1, 2, 4}}[lanes]
     for config in configs:
         sch = VectorDepthwise().apply_config(func, target, config)
         assert_computes_the_same(func, sch.mod["main"], target)
@@ -143,6 +143,13 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
         assert "T.min(" in script and f"T.int64({61 - config.vectors * lanes})" in script
         assert f"T.vectorized(T.int64({lanes}))" in script
         assert tvm_ffi.structural_equal(schedules.finish_kernels()(finished), finished)
+    # A channel multiplier: 13 input channels x 3, each output channel reading input
+    # channel c // 3 through the moved binding.
+    func = depthwise_kernel(c=13, mult=3, size=7, k=3, pad=1)
+    config = VectorDepthwise().all_configs(func, target)[0]
+    assert config.overlapped
+    sch = VectorDepthwise().apply_config(func, target, config)
+    assert_computes_the_same(func, sch.mod["main"], target)
 
 
 def test_overlap_pass_leaves_a_tile_wider_than_the_channels(preset):
