@@ -27,6 +27,13 @@ from .tir_walk import map_stmt, nodes, stmt_pass, substitute, with_loop_body, wi
 OVERLAP_CHANNELS = "xcompile.overlap_channels"
 
 
+def mark_overlap(sch, loop, channels: int, lanes: int) -> None:
+    """Mark ``loop``, the loop over tiles of ``lanes``-wide channel vectors, for this pass
+    where ``lanes`` does not divide the ``channels`` (the split left a predicate)."""
+    if channels % lanes:
+        sch.annotate(loop, OVERLAP_CHANNELS, channels)
+
+
 def overlap_last_vector():
     """A PrimFunc pass: the marked loops' blocks -> overlapping whole vectors (a no-op
     elsewhere)."""
@@ -84,7 +91,8 @@ def _block(node, tile, channels: int, loops: dict):
     i = bound[0]
     value = values[i]
     inner = [v for v in tirx.analysis.undefined_vars(value) if not v.same_as(tile)]
-    if not all(any(v.same_as(u) for u in loops) for v in inner):
+    inner_loops = [loops[u] for v in inner for u in loops if u.same_as(v)]
+    if len(inner_loops) != len(inner):
         return False  # a variable from outside the tile loop
     dtype = str(tile.ty.dtype)
     first = substitute(value, inner, [tirx.const(0, dtype)] * len(inner))
@@ -93,8 +101,7 @@ def _block(node, tile, channels: int, loops: dict):
     offset = substitute(value, [tile], [tirx.const(0, dtype)])
     if not (isinstance(span, tirx.IntImm) and 0 < span.value <= channels
             and _proves(first - tile * span) and _proves(value - offset - tile * span)
-            and _within(offset, span.value, [loops[v] for u in inner for v in loops
-                                              if v.same_as(u)])):
+            and _within(offset, span.value, inner_loops)):
         return False  # not ``tile * span + offset``, or a tile wider than the channels
     values[i] = tirx.min(first, tirx.const(channels - span.value, dtype)) + offset
     tile_vars = inner + [tile]

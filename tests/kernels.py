@@ -55,15 +55,22 @@ def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
             if isinstance(f, tvm.tirx.PrimFunc)}
 
 
-def run_kernel(func, arrays, target=None):
-    """``func`` compiled as a build compiles its kernels (with the pass that finishes
-    scheduled ones), run on ``arrays``; returns the last (the output)."""
+def finished(func):
+    """``func`` after the pass that finishes scheduled kernels (``schedules.
+    finish_kernels``), as builds and the tuner compile it."""
     import tvm
 
     from xcompile import schedules
 
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(schedules.finish_kernels()(mod),
+    return schedules.finish_kernels()(tvm.IRModule({"main": func}))["main"]
+
+
+def run_kernel(func, arrays, target=None):
+    """``func`` compiled as a build compiles its kernels (``finished``), run on
+    ``arrays``; returns the last (the output)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": finished(func.with_attr("global_symbol", "main"))}),
                       target=target or HOST.tvm_target())
     tensors = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*tensors)

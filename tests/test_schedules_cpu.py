@@ -10,8 +10,8 @@ import pytest
 import torch
 from kernels import (CONV_CASES, CPU_PRESETS, DEPTHWISE_CASES, HOST, SEPARABLE_CASES,
                      assert_computes_the_same, conv_kernel, depthwise_kernel,
-                     executable_cpu_presets, lowered_kernels, random_args, run_kernel,
-                     separable_kernel)
+                     executable_cpu_presets, finished, lowered_kernels, random_args,
+                     run_kernel, separable_kernel)
 from torch import nn
 
 from xcompile import targets
@@ -118,12 +118,10 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
     tile, both loop orders, a row tile of pixels) computes what the unscheduled kernel
     does at batch 2; the finished kernel keeps no channel predicate (it vectorizes
     whole) and moves the last tile back by a ``min``; a second run of the pass changes
-    nothing. So does a depthwise conv with a channel multiplier (39 = 13 x 3 channels). (Two vectors a tile once moved the second onto the first and added the
-    overlap into the same accumulators twice.)"""
-    import tvm
-    import tvm_ffi
+    nothing. So does a depthwise conv with a channel multiplier (39 = 13 x 3 channels).
+    (Two vectors a tile once moved the second onto the first and added the overlap into
+    the same accumulators twice.)"""
 
-    from xcompile import schedules
     from xcompile.schedules.cpu.target_info import cpu_info
 
     target = preset.tvm_target()
@@ -135,14 +133,13 @@ def test_depthwise_overlapped_tiles_compute_the_channels_once_each(preset):
     for config in configs:
         sch = VectorDepthwise().apply_config(func, target, config)
         assert_computes_the_same(func, sch.mod["main"], target)
-        mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
-        finished = schedules.finish_kernels()(mod)
-        script = finished["main"].script()
+        done = finished(sch.mod["main"])
+        script = done.script()
         wheres = [ln for ln in script.splitlines() if "T.where" in ln]
         assert not [ln for ln in wheres if "ff_" in ln], (config, wheres)  # (pixels': kept)
         assert "T.min(" in script and f"T.int64({61 - config.vectors * lanes})" in script
         assert f"T.vectorized(T.int64({lanes}))" in script
-        assert tvm_ffi.structural_equal(schedules.finish_kernels()(finished), finished)
+        assert finished(done).same_as(done)
     # A channel multiplier: 13 input channels x 3, each output channel reading input
     # channel c // 3 through the moved binding.
     func = depthwise_kernel(c=13, mult=3, size=7, k=3, pad=1)
@@ -159,7 +156,6 @@ def test_overlap_pass_leaves_a_tile_wider_than_the_channels(preset):
     import tvm
     from tvm import s_tir
 
-    from xcompile import schedules
     from xcompile.schedules.analysis import match_conv
     from xcompile.schedules.cpu.depthwise import DepthwiseTile
 
@@ -169,8 +165,7 @@ def test_overlap_pass_leaves_a_tile_wider_than_the_channels(preset):
     conv = match_conv(sch, target, "llvm", ("depthwise",), tail=True)
     VectorDepthwise._schedule(sch, conv, 16, DepthwiseTile(vectors=2))
     assert "xcompile.overlap_channels" in sch.mod["main"].script()
-    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
-    script = finished["main"].script()
+    script = finished(sch.mod["main"]).script()
     assert "xcompile.overlap_channels" not in script and "T.min(" not in script
     assert script.count("T.where") == sch.mod["main"].script().count("T.where") > 0
     assert_computes_the_same(func, sch.mod["main"], target)
@@ -337,9 +332,7 @@ def test_reduction_rule_on_pools_and_means(channels, preset):
     write-back, and compute what the unscheduled kernels do; convolutions and the
     matrix product are not theirs. 37 channels (odd, over every preset's width): the
     pools run full-width vectors, the last moved back (no channel predicate left)."""
-    import tvm
 
-    from xcompile import schedules
     from xcompile.schedules.cpu import VectorReduction
     from xcompile.schedules.cpu.target_info import cpu_info
 
@@ -355,8 +348,7 @@ def test_reduction_rule_on_pools_and_means(channels, preset):
         script = sch.mod["main"].script()
         assert script.count("T.parallel") == 1, name  # no second pass for the epilogue
         if channels == 37 and "pool" in name:
-            finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
-            text = finished["main"].script()
+            text = finished(sch.mod["main"]).script()
             assert f"T.vectorized(T.int64({lanes}))" in text and "T.min(" in text, name
             assert not [ln for ln in text.splitlines()
                         if "T.where" in ln and "_0 *" in ln], name
@@ -406,12 +398,10 @@ def _asm(func, preset_name, rule=None):
     """The assembly of ``func`` scheduled by ``rule`` (default PackedConvGEMM) for a preset."""
     import tvm
 
-    from xcompile import schedules
-
     preset = targets.resolve(preset_name)
     sch = (rule or PackedConvGEMM()).apply(func, preset.tvm_target())
-    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
-    lib = tvm.compile(schedules.finish_kernels()(mod), target=preset.tvm_target())
+    main = finished(sch.mod["main"].with_attr("global_symbol", "main"))
+    lib = tvm.compile(tvm.IRModule({"main": main}), target=preset.tvm_target())
 
     def find(m):
         if m.kind == "llvm":
@@ -476,10 +466,8 @@ def test_tiles_prefetch_the_next_weight_panel():
     window and short reductions get none; the tuner also times the default without."""
     import re
 
-    import tvm
     from tvm import s_tir
 
-    from xcompile import schedules
     from xcompile.schedules.analysis import match_conv2d_nhwc
     from xcompile.schedules.cpu.conv_gemm import gemm_configs, prefetch_parts
 
@@ -492,17 +480,16 @@ def test_tiles_prefetch_the_next_weight_panel():
     func = conv_kernel(728, 728, size=19)
     sch = s_tir.Schedule(func)
     PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), configs[0], 16)
-    mod = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
-    text = mod["main"].script()
+    done = finished(sch.mod["main"])
+    text = done.script()
     assert re.search(r"for prefetch_line in range\(T\.int64\(16\)\)", text)
     # One prefetch of the next panel; the write-back's two (a vector's first and last
     # lane of the output: ``epilogue_prefetch``).
     assert text.count("T.prefetch(") == 3
     assert len(re.findall(r"for prefetch_line in range[^\n]*\n\s*T\.prefetch\(", text)) == 1
-    assert schedules.finish_kernels()(mod)["main"].same_as(mod["main"])  # marks removed
+    assert finished(done).same_as(done)  # marks removed
     # Unmarked kernels pass through unchanged.
-    plain = tvm.IRModule({"main": func})
-    assert schedules.finish_kernels()(plain)["main"].same_as(func)
+    assert finished(func).same_as(func)
 
 
 class _Residual(nn.Module):
@@ -526,10 +513,8 @@ def test_tiles_prefetch_their_write_back():
     machine code has the write prefetches."""
     import re
 
-    import tvm
     from tvm import s_tir
 
-    from xcompile import schedules
     from xcompile.schedules.analysis import match_conv2d_nhwc
     from xcompile.schedules.cpu.target_info import cpu_info
 
@@ -542,8 +527,7 @@ def test_tiles_prefetch_their_write_back():
     conv = match_conv2d_nhwc(sch)
     config = PackedConvGEMM().configs(conv, target)[0]
     PackedConvGEMM._schedule(sch, conv, config, cpu_info(target).lanes)
-    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
-    text = finished["main"].script()
+    text = finished(sch.mod["main"]).script()
     # The parameters: the conv's input, weights and bias, the residual (the same tensor
     # as the input in the graph, a parameter of its own here), the output.
     params = re.findall(r"(\w+): T\.Buffer", text.split("def main", 1)[1].split("\n")[0])
@@ -590,10 +574,8 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     caches; the tuner also times the packed one."""
     from dataclasses import replace
 
-    import tvm
     from tvm import s_tir
 
-    from xcompile import schedules
     from xcompile.schedules.analysis import match_conv2d_nhwc
     from xcompile.schedules.cpu.conv_gemm import gemm_configs
     from xcompile.schedules.cpu.target_info import cpu_info
@@ -618,11 +600,11 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), replace(configs[0], mb=2),
                              cpu_info(target).lanes)
     assert_computes_the_same(func, sch.mod["main"])
-    finished = schedules.finish_kernels()(tvm.IRModule({"main": sch.mod["main"]}))
-    text = finished["main"].script()
+    done = finished(sch.mod["main"])
+    text = done.script()
     assert "T.if_then_else" not in text and "T.int64(168))" in text  # min(row, 168)
     # The marks go with the rewrite: finishing twice changes nothing.
-    assert schedules.finish_kernels()(finished)["main"].same_as(finished["main"])
+    assert finished(done).same_as(done)
     # One pixel row (a squeeze-excite FC as a 1x1 conv): TVM gives the padded rows the
     # real row's accumulator, so their reads keep the guard, even when forced in place.
     func = conv_kernel(32, 8, size=1)

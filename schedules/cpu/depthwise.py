@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..analysis import DEPTHWISE, accumulate_locally, match_conv
-from ..overlapped_vectors import OVERLAP_CHANNELS
+from ..overlapped_vectors import mark_overlap
 from ..prefetch import LINE_BYTES
 from ..rule import ConfigRule
 from .generic import schedule_tail
-from .target_info import channel_vector, cpu_info, overlaps_fit, overlaps_pay
+from .target_info import cpu_info, overlaps_fit, overlaps_pay, vector_width
 
 
 # Operations per element (``Conv2DNHWC.epilogue_ops``) from which the default tile has a
@@ -133,7 +133,7 @@ class VectorDepthwise(ConfigRule):
         default = DepthwiseTile(1, pixels, channels_outside(conv, info), overlap)
         others = []
         for overlapped in kinds:
-            lanes = info.lanes if overlapped else channel_vector(channels, info.lanes)
+            lanes = vector_width(channels, info.lanes, overlapped)
             others += [DepthwiseTile(v, p, outer, overlapped)
                        for outer in (True, False) for v in (1, 2, 4)
                        for p in sorted({1, row_tile(width, info.registers, v)})
@@ -142,9 +142,7 @@ class VectorDepthwise(ConfigRule):
         return [default] + [c for c in others if c != default]
 
     def schedule(self, sch, conv, config: DepthwiseTile, target) -> None:
-        lanes = cpu_info(target).lanes
-        if not (config.overlapped and overlaps_fit(conv.out_shape[3], lanes)):
-            lanes = channel_vector(conv.out_shape[3], lanes)
+        lanes = vector_width(conv.out_shape[3], cpu_info(target).lanes, config.overlapped)
         self._schedule(sch, conv, lanes, config)
 
     @staticmethod
@@ -155,11 +153,9 @@ class VectorDepthwise(ConfigRule):
         rows = sch.fuse(n, y)
         xo, xi = sch.split(x, [None, config.pixels])
         co, cu, cv = sch.split(c, [None, config.vectors, lanes])
-        channels = conv.out_shape[3]
-        if channels % lanes:
-            # Full-width vectors past the last channel: the last tile moved back to overlap
-            # the one before (``schedules.overlapped_vectors``; ``overlaps_pay``).
-            sch.annotate(co, OVERLAP_CHANNELS, channels)
+        # Full-width vectors past the last channel: the last tile moved back over the one
+        # before (``schedules.overlapped_vectors``; ``overlaps_pay``).
+        mark_overlap(sch, co, conv.out_shape[3], lanes)
         outer, inner = (co, xo) if config.channels_outer else (xo, co)
         sch.reorder(rows, outer, inner, ry, rx, rc, xi, cu, cv)
         sch.reverse_compute_at(wb, inner)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 from ..analysis import fuse_epilogue, iter_kinds, match_reduction
-from ..overlapped_vectors import OVERLAP_CHANNELS
+from ..overlapped_vectors import mark_overlap
 from ..rule import ConfigRule
 from .generic import MIN_PARALLEL
-from .target_info import channel_vector, cpu_info, overlaps_pay
+from .target_info import cpu_info, overlaps_pay, vector_width
 
 
 class VectorReduction(ConfigRule):
@@ -51,13 +51,10 @@ class VectorReduction(ConfigRule):
         # Overlapped vectors where pixels run in parallel outside the channel vectors (the
         # loop the pass moves stays a loop of its own).
         pixels = math.prod(int(sch.get(lp).extent) for lp in spatial[:-1])
-        if not (pixels >= MIN_PARALLEL and overlaps_pay(channels, lanes)):
-            lanes = channel_vector(channels, lanes)
+        lanes = vector_width(channels, lanes,
+                             pixels >= MIN_PARALLEL and overlaps_pay(channels, lanes))
         co, cv = sch.split(spatial[-1], [None, lanes])
-        if channels % lanes:
-            # Full-width vectors, the last moved back over the one before
-            # (``schedules.overlapped_vectors``; an odd count: instead of scalar code).
-            sch.annotate(co, OVERLAP_CHANNELS, channels)
+        mark_overlap(sch, co, channels, lanes)
         outer = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else None
         sch.reorder(*([outer] if outer is not None else []), co, *reduce, cv)
         # In parallel: the pixels, or with too few of them (a mean over the whole map)

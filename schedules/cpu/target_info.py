@@ -79,6 +79,14 @@ def overlaps_fit(channels: int, lanes: int) -> bool:
     return channels > lanes and channels % lanes != 0
 
 
+def vector_width(channels: int, lanes: int, overlapped: bool) -> int:
+    """The channel vectors' lanes: the target's full width where ``overlapped`` and
+    overlapped vectors fit (``overlaps_fit``), else the widest whole ones
+    (``channel_vector``)."""
+    return lanes if overlapped and overlaps_fit(channels, lanes) else channel_vector(
+        channels, lanes)
+
+
 def overlaps_pay(channels: int, lanes: int) -> bool:
     """Whether overlapped full-width vectors (``overlaps_fit``) are the default: where
     the widest whole vectors (``channel_vector``) are under half the width, or where
