@@ -115,15 +115,18 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
     """Each batch of configurations is timed between two timings of the task's default
     (the first takes the batch's cold start); where the last reads over SLOW_STRETCH
     times the default's baseline (a host at half speed for a while), the batch is timed
-    again (not built again) and those timings are logged, at most RETRIES times."""
+    again (not built again), at most RETRIES times. Each time is logged over the
+    default's in its batch, times the baseline (``relative_to_baseline``): a batch
+    timed at half speed throughout logs what a quick one does."""
     from types import SimpleNamespace
 
     from xcompile.tuning import grid
 
     configs = [f"c{i}" for i in range(5)]
+    speed = {"c0": 1.0, "c1": 0.8, "c2": 1.2, "c3": 0.8, "c4": 1.2}
     monkeypatch.setattr(grid, "candidates", lambda task, rule, target, skip=(), limit=None: [
         (k, k) for k in configs if k not in skip][:limit])
-    for slow_rounds, logged in ((0, 1.0), (1, 1.0), (grid.RETRIES + 1, 2.0)):
+    for slow_rounds in (0, 1, grid.RETRIES + 1):
         calls, builds = [], []
 
         def fake_build(builder, mods, target, device):
@@ -133,12 +136,14 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
         def fake_run(runner, inputs):
             slow = len(calls) < slow_rounds  # the first rounds run at half speed
             calls.append(inputs)
-            # The first timing of every batch is a cold start, slow or not.
-            return [5.0] + [2.0 if slow else 1.0 for _ in inputs[1:]]
+            # The first timing of every batch is a cold start, slow or not; the
+            # configurations take 0.8x and 1.2x the default's time.
+            return [5.0] + [(2.0 if slow else 1.0) * speed[m] for m in inputs[1:]]
 
         monkeypatch.setattr(grid, "build", fake_build)
         monkeypatch.setattr(grid, "run", fake_run)
-        entry = {"rule": "r", "baseline_ms": 1.0, "configs": {"c0": 1.0}}
+        # The baseline, timed in an earlier run: 1.5x what this run times.
+        entry = {"rule": "r", "baseline_ms": 1.5, "configs": {"c0": 1.5}}
         rule = SimpleNamespace(all_configs=None)
         progress = SimpleNamespace(update=lambda name, times: None)
         n = grid._time_task(SimpleNamespace(name="t"), entry, {"r": rule}, None, "cpu", None,
@@ -148,8 +153,12 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
         assert all(m[0] == m[-1] == "c0" for m in calls), calls
         assert len(calls) == 2 + min(slow_rounds, grid.RETRIES), (slow_rounds, calls)
         assert len(builds) == 2, builds  # a batch timed again is not built again
-        assert {k: v for k, v in entry["configs"].items() if k != "c0"} == {
-            k: logged if i < 2 else 1.0 for i, k in enumerate(configs[1:])}, slow_rounds
+        assert {k: round(v, 9) for k, v in entry["configs"].items() if k != "c0"} == {
+            k: round(speed[k] * 1.5, 9) for k in configs[1:]}, slow_rounds
+    # Where the default failed in its batch, or there is no baseline: as timed.
+    assert grid.relative_to_baseline([2.0, None], None, 1.5) == [2.0, None]
+    assert grid.relative_to_baseline([2.0, None], 4.0, 1.0) == [0.5, None]
+    assert grid.relative_to_baseline([2.0], 4.0, None) == [2.0]
 
 
 def test_rotation_keeps_the_input_and_output_warm():

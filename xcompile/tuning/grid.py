@@ -33,6 +33,24 @@ SLOW_STRETCH = 1.25
 RETRIES = 2
 
 
+def relative_to_baseline(times: list, default_ms, baseline_ms) -> list:
+    """``times`` of a batch scaled by ``baseline_ms / default_ms``, the default's time
+    in the same batch: what they would read at the moment the baseline was timed.
+
+    A log is timed over several runs (a top-up, a new default, a second batch size),
+    minutes or days apart, and a VM's host drifts by more than the configurations
+    differ: a top-up of the Zen 4 log timed legacy_xception's 19x19x728 GEMM's default
+    at 15.25 ms and a new configuration at 14.89 (0.977x), which ranked it 26th of 69
+    behind configurations an earlier, quicker run had timed at 14.21-14.44, though in
+    the model it ran 0.978x as long as the default and the earlier ones 0.99x. Against
+    the default beside it, each batch's times compare across runs. Unscaled where the
+    default's time is missing or failed."""
+    if not default_ms or not baseline_ms:
+        return list(times)
+    scale = baseline_ms / default_ms
+    return [None if ms is None else ms * scale for ms in times]
+
+
 def candidates(task, rule, target, skip=(), limit: int | None = None
                ) -> list[tuple[str, object]]:
     """``(config key, module to time)`` for the configurations of ``rule`` on ``task``
@@ -104,6 +122,9 @@ def _time_task(task, entry, rules_by_name, target, device, builder, runner, limi
             log.info("%s: the default read %s ms after a batch against its %.3f ms "
                      "baseline: the machine ran slow; timing the batch again", task.name,
                      "-" if last is None else f"{last:.3f}", reference)
+        # Logged at the baseline's scale: each time over the default's in the same
+        # batch, times the baseline (``relative_to_baseline``).
+        times = relative_to_baseline(times, last if sentinel else None, reference)
         for (key, _), ms in zip(part, times):
             timed[key] = ms
         save()
