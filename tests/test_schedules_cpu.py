@@ -577,7 +577,7 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     from tvm import s_tir
 
     from xcompile.schedules.analysis import match_conv2d_nhwc
-    from xcompile.schedules.cpu.conv_gemm import gemm_configs
+    from xcompile.schedules.cpu.conv_gemm import gemm_configs, rows_crowd_l1
     from xcompile.schedules.cpu.target_info import cpu_info
 
     target = HOST.tvm_target()
@@ -601,6 +601,17 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     assert first[0].direct and first[0].prefetch
     for change in ({"direct": False}, {"prefetch": 0}, {"direct": False, "prefetch": 0}):
         assert replace(first[0], **change) in first, change
+    # 1024 channels are 4 KiB a row: a 14-row tile's rows in place would all fall into
+    # one set of a 64-set, 8-way L1 (four, one a stream): such tiles are packed, 728
+    # channels (2,912 bytes a row) spread; an 8-row tile of 1024 fits the 8 ways.
+    assert rows_crowd_l1(1024, 14, 4, 64, 8) and rows_crowd_l1(1024, 9, 1, 64, 8)
+    assert not rows_crowd_l1(728, 14, 4, 64, 8) and not rows_crowd_l1(1024, 8, 4, 64, 8)
+    assert rows_crowd_l1(4096, 3, 4, 64, 8)  # the streams 4 KiB apart too: 12 in a set
+    assert not rows_crowd_l1(1024, 14, 4, 0, 0)  # no L1 given: no check
+    crowded = gemm_configs(392, 1024, 16, 32, 2, 1024, direct=True, l1_sets=64, l1_ways=8)
+    assert crowded[0].mr > 8 and not crowded[0].direct
+    assert all(c.direct == (c.mr <= 8) for c in crowded if c.groups == 1 and c.mr != 14)
+    assert gemm_configs(392, 1024, 16, 32, 2, 1024, direct=True)[0].direct
     sch = s_tir.Schedule(func)
     # Chunks of 2 tiles: 169 (odd) rows then always pad, whatever tile this CPU gets.
     PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), replace(configs[0], mb=2),

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from ..epilogue_prefetch import EPILOGUE
 from ..padded_rows import READ_LAST_ROW
-from ..prefetch import PREFETCH
+from ..prefetch import LINE_BYTES, PREFETCH
 from ..rule import LAYOUT_REWRITE, ConfigRule
 from ..analysis import (DENSE, POINTWISE, accumulate_locally, index_by_pixel_row,
                         inline_padding, match_conv)
@@ -245,6 +245,29 @@ class GEMMTile:
 DIRECT_MAX_BYTES = 16 << 20
 
 
+def rows_crowd_l1(depth: int, mr: int, streams: int, l1_sets: int, l1_ways: int) -> bool:
+    """Whether a tile's MR input rows read in place (``depth`` floats apart, each read
+    at ``streams`` places ``depth / streams`` floats apart) put more lines into one set
+    of an L1 of ``l1_sets`` sets (64-byte lines) than it has ``l1_ways``: those lines
+    then evict each other at every step of the reduction. A packed tile's rows lie side
+    by side (``pack_panel``) and spread over the sets.
+
+    1024 channels are 4 KiB a row, one L1 set (64 sets of 64 bytes) for every row: on a
+    2-core Zen 4 (AVX-512), each GEMM timed alone, warm, 14-row tiles read in place ran
+    at 63% of the FMA peak, packed at 93-95% (1024 -> 1024 on 7x7 at batch 8: 5.53 ->
+    3.67 ms; 1024 -> 736 on 19x19 at batch 8: 31.0 ms in place). 9 rows in a set (the
+    exit flow's 1024 -> 1536, 9-row tiles) 11.50 -> 11.46 ms; 7 (512 channels, 14 rows)
+    10.53 -> 10.18 ms on 19x19 but 3.64 -> 3.71 on 14x14: left in place."""
+    if not l1_sets or not l1_ways:
+        return False
+    sets: dict[int, int] = {}
+    for r in range(mr):
+        for s in range(streams):
+            line = (r * depth + s * (depth // streams)) * 4 // LINE_BYTES % l1_sets
+            sets[line] = sets.get(line, 0) + 1
+    return max(sets.values()) > l1_ways
+
+
 # Tiles run through every weight panel (``GEMMTile.tile_major``) by default where all the
 # weights (input channels x window x output channels, float32) take at most this many
 # bytes: they stay in L2 while a tile's input rows stay in L1, and each output row is
@@ -268,11 +291,13 @@ def tile_major(depth: int, window: int, channels: int) -> bool:
 
 def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                  cores: int, depth: int = 1, window: int = 1,
-                 direct: bool = False, l2_bytes: int = 0) -> list[GEMMTile]:
+                 direct: bool = False, l2_bytes: int = 0,
+                 l1_sets: int = 0, l1_ways: int = 0) -> list[GEMMTile]:
     """The default tiling (``register_tile``, ``chunk_tiles`` for an ``l2_bytes`` L2,
     ``depth_streams`` of the ``depth`` input channels, the tiles through every panel
     where ``tile_major`` says so and otherwise ``prefetch_parts`` where the ``window``
-    is 1x1, the input read in place where ``direct`` allows it) first, then the
+    is 1x1, the input read in place where ``direct`` allows it and the rows do not
+    crowd an L1 of ``l1_sets`` x ``l1_ways``, ``rows_crowd_l1``) first, then the
     neighbourhood the tuner measures: the other loop order, the other parallel split,
     the other stream counts, prefetch or none, a packed input or none (and neither
     in-place rows nor prefetch: on a Zen 4 the 19x19x728 GEMMs' best), and the other
@@ -288,10 +313,14 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         return prefetch_parts(depth // streams) if window == 1 and not major else 0
 
     groups = column_groups(rows, channels, cores)
-    # In place only where the rows fill a tile (the padded rows read guarded where they
-    # share an accumulator with a real row: ``schedules.padded_rows``), and only where
-    # the input is small enough to come from the caches (DIRECT_MAX_BYTES).
-    direct = direct and rows >= mr and rows * depth * 4 <= DIRECT_MAX_BYTES
+
+    def in_place(mr: int) -> bool:
+        # In place only where the rows fill a tile (the padded rows read guarded where
+        # they share an accumulator with a real row: ``schedules.padded_rows``), where
+        # the input is small enough to come from the caches (DIRECT_MAX_BYTES), and
+        # where the tile's rows spread over the L1's sets (``rows_crowd_l1``).
+        return (direct and rows >= mr and rows * depth * 4 <= DIRECT_MAX_BYTES
+                and not rows_crowd_l1(depth, mr, streams, l1_sets, l1_ways))
 
     def chunk(mr: int, threads: int) -> int:
         # Tiles that run through every panel keep their rows in L1 and the weights in
@@ -299,7 +328,8 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
         return chunk_tiles(rows, mr, threads, mr * depth * window * 4,
                            0 if major else l2_bytes)
 
-    by_rows = GEMMTile(mr, nu, chunk(mr, cores), 1, streams, parts(streams), direct, major)
+    by_rows = GEMMTile(mr, nu, chunk(mr, cores), 1, streams, parts(streams), in_place(mr),
+                       major)
     by_columns = replace(by_rows, mb=chunk(mr, 1), groups=cores)
     out = [by_columns, by_rows] if groups > 1 else [by_rows]
     if cores > 1 and groups == 1:
@@ -308,9 +338,9 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
     out.append(replace(first, tile_major=not major, prefetch=parts(streams, not major)))
     if first.prefetch:
         out.append(replace(first, prefetch=0))
-    if direct:
+    if first.direct:
         out.append(replace(first, direct=False))
-    if direct and first.prefetch:
+    if first.direct and first.prefetch:
         out.append(replace(first, direct=False, prefetch=0))
     for other in (1, 2, 4, 8):
         if other != streams and depth % other == 0:
@@ -322,8 +352,8 @@ def gemm_configs(rows: int, channels: int, lanes: int, registers: int,
                 continue
             for mb in sorted({chunk(mr, cores), 2, 4, 8, 16}):
                 if -(-rows // (mr * mb)) >= cores:  # enough chunks for every core
-                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams), direct,
-                                      major)
+                    config = GEMMTile(mr, nu, mb, 1, streams, parts(streams),
+                                      in_place(mr), major)
                     if config not in out:
                         out.append(config)
     return out
@@ -371,7 +401,7 @@ class PackedConvGEMM(ConfigRule):
         n, h, w, f = conv.out_shape
         return gemm_configs(n * h * w, f, info.lanes, info.registers, info.cores,
                             conv.in_channels, conv.kernel[0] * conv.kernel[1],
-                            conv.rows_in_place, info.l2_bytes)
+                            conv.rows_in_place, info.l2_bytes, info.l1_sets, info.l1_ways)
 
     def searchable(self, conv, config: GEMMTile, target) -> bool:
         # MetaSchedule times kernels on pre-packed weights and requires the packing block
