@@ -112,12 +112,13 @@ def test_rotated_timing_reports_the_middle_half():
 
 
 def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
-    """Each batch of configurations is timed between two timings of the task's default
-    (the first takes the batch's cold start); where the last reads over SLOW_STRETCH
-    times the default's baseline (a host at half speed for a while), the batch is timed
-    again (not built again), at most RETRIES times. Each time is logged over the
-    default's in its batch, times the baseline (``relative_to_baseline``): a batch
-    timed at half speed throughout logs what a quick one does."""
+    """Each batch of configurations is timed after two timings of the task's default
+    and before a third (the first takes the batch's cold start); where the last reads
+    over SLOW_STRETCH times the default's baseline (a host at half speed for a while),
+    the batch is timed again (not built again), at most RETRIES times. Each time is
+    logged over the mean of the default's two other timings in its batch, times the
+    baseline (``relative_to_baseline``): a batch timed at half speed throughout logs
+    what a quick one does."""
     from types import SimpleNamespace
 
     from xcompile.tuning import grid
@@ -137,8 +138,11 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
             slow = len(calls) < slow_rounds  # the first rounds run at half speed
             calls.append(inputs)
             # The first timing of every batch is a cold start, slow or not; the
-            # configurations take 0.8x and 1.2x the default's time.
-            return [5.0] + [(2.0 if slow else 1.0) * speed[m] for m in inputs[1:]]
+            # configurations take 0.8x and 1.2x the default's time; the default reads
+            # 0.9x before the batch and 1.1x after it.
+            drift = [0.9] + [1.0] * (len(inputs) - 3) + [1.1]
+            return [5.0] + [(2.0 if slow else 1.0) * speed[m] * d
+                            for m, d in zip(inputs[1:], drift)]
 
         monkeypatch.setattr(grid, "build", fake_build)
         monkeypatch.setattr(grid, "run", fake_run)
@@ -149,8 +153,8 @@ def test_grid_times_a_batch_again_when_the_machine_ran_slow(monkeypatch):
         n = grid._time_task(SimpleNamespace(name="t"), entry, {"r": rule}, None, "cpu", None,
                             None, 10, progress, 2, lambda: None)
         assert n == 4
-        # Two batches of two, each between two timings of the default (c0).
-        assert all(m[0] == m[-1] == "c0" for m in calls), calls
+        # Two batches of two, each after two timings of the default (c0) and before one.
+        assert all(m[0] == m[1] == m[-1] == "c0" and len(m) == 5 for m in calls), calls
         assert len(calls) == 2 + min(slow_rounds, grid.RETRIES), (slow_rounds, calls)
         assert len(builds) == 2, builds  # a batch timed again is not built again
         assert {k: round(v, 9) for k, v in entry["configs"].items() if k != "c0"} == {

@@ -17,10 +17,11 @@ from .baseline import build, prepacked, run
 
 log = logging.getLogger(__name__)
 
-# Each batch is timed between two timings of the task's default configuration. The
-# first takes the batch's cold start (the runner's threads asleep while the batch was
-# built: it read up to 6x the baseline for a 35 us kernel, every batch), which the
-# batch's first configuration used to pay; where the last reads more than SLOW_STRETCH
+# Each batch is timed after two timings of the task's default configuration and before
+# a third. The first takes the batch's cold start (the runner's threads asleep while the
+# batch was built: it read up to 6x the baseline for a 35 us kernel, every batch), which
+# the batch's first configuration used to pay; the other two are what the batch's times
+# are logged against (``relative_to_baseline``); where the last reads more than SLOW_STRETCH
 # times the baseline, the machine ran slow for a while and the batch is timed again (at
 # most RETRIES times, built once; then the last timings stand). Each configuration is
 # timed once: a stretch of a VM's host at half speed, seconds long, had mis-ranked whole
@@ -43,8 +44,9 @@ def relative_to_baseline(times: list, default_ms, baseline_ms) -> list:
     at 15.25 ms and a new configuration at 14.89 (0.977x), which ranked it 26th of 69
     behind configurations an earlier, quicker run had timed at 14.21-14.44, though in
     the model it ran 0.978x as long as the default and the earlier ones 0.99x. Against
-    the default beside it, each batch's times compare across runs. Unscaled where the
-    default's time is missing or failed."""
+    the default beside it, each batch's times compare across runs; against the mean of
+    its timings before and after the batch, one noisy timing moves the batch by half as
+    much. Unscaled where the default's time is missing or failed."""
     if not default_ms or not baseline_ms:
         return list(times)
     scale = baseline_ms / default_ms
@@ -111,20 +113,26 @@ def _time_task(task, entry, rules_by_name, target, device, builder, runner, limi
     sentinel = candidates(task, rule, target, limit=1) if reference else []
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
-        inputs = build(builder, [m for _, m in sentinel + part + sentinel], target, device)
+        # The default three times: a cold start, then before and after the batch.
+        inputs = build(builder, [m for _, m in 2 * sentinel + part + sentinel], target,
+                       device)
+        defaults: list = []
         for _ in range(RETRIES + 1):
             times = run(runner, inputs)
             if not sentinel:
                 break
-            last, times = times[-1], times[1:-1]
-            if last is not None and last <= SLOW_STRETCH * reference:
+            defaults = [t for t in (times[1], times[-1]) if t is not None]
+            times = times[2:-1]
+            if defaults and defaults[-1] <= SLOW_STRETCH * reference:
                 break
             log.info("%s: the default read %s ms after a batch against its %.3f ms "
                      "baseline: the machine ran slow; timing the batch again", task.name,
-                     "-" if last is None else f"{last:.3f}", reference)
-        # Logged at the baseline's scale: each time over the default's in the same
-        # batch, times the baseline (``relative_to_baseline``).
-        times = relative_to_baseline(times, last if sentinel else None, reference)
+                     f"{defaults[-1]:.3f}" if defaults else "-", reference)
+        # Logged at the baseline's scale: each time over the default's in the same batch
+        # (the mean of its timings before and after), times the baseline
+        # (``relative_to_baseline``).
+        times = relative_to_baseline(times, sum(defaults) / len(defaults) if defaults
+                                     else None, reference)
         for (key, _), ms in zip(part, times):
             timed[key] = ms
         save()
