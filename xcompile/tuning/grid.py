@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 # SLOW_STRETCH times the baseline, the machine ran slow for a while and the batch is
 # timed again (at most RETRIES times, built once; then the last timings stand). Each
 # configuration is timed once: a stretch of a VM's host at half speed, seconds long, had
-# mis-ranked whole batches. Measured on a 2-core Zen 4 (AMD EPYC, CPUID family 25 model 17): a top-up of
-# legacy_xception's configurations logged the 147x147 128 -> 128 conv's 14 x 1 tiles at
-# 7.97-8.19 ms, which the same runner timed at 3.6-3.8 ms when asked again (its default
-# 14 x 2: 4.5 logged, 3.9-4.1 again); in the model those tiles ran 0.91x as long as the
-# default.
+# mis-ranked whole batches. Measured on a 2-core Zen 4 (AMD EPYC, CPUID family 25 model
+# 17): a top-up of legacy_xception's configurations logged the 147x147 128 -> 128 conv's
+# 14 x 1 tiles at 7.97-8.19 ms, which the same runner timed at 3.6-3.8 ms when asked again
+# (its default 14 x 2: 4.5 logged, 3.9-4.1 again); in the model those tiles ran 0.91x as
+# long as the default.
 SLOW_STRETCH = 1.25
 RETRIES = 2
 
