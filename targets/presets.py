@@ -92,10 +92,12 @@ def _cuda(sm: str, gpus: str) -> Preset:
     )
 
 
-# x86: feature maps up to 24 MiB at the model's batch run whole; the layers with larger
-# ones run on slices of the batch (see ``xcompile.batch_tiling``). Xception's largest map
-# is 11 MB an image (147x147x128), so batch 2 runs whole and batch 8 in slices of 2.
-_TILE_BATCH_BYTES = 24 << 20
+# x86: feature maps up to 2 MiB at the model's batch (the L2 caches of two AVX-512 cores
+# of the smallest, 1 MiB; AVX2 cores' are smaller) run whole; the layers up to the last
+# larger one run on slices of the batch (see ``xcompile.batch_tiling``). Xception's maps
+# are 11 MB an image in the entry flow and 1 MB in the middle flow, so at batch 2 and 8
+# every layer up to the global pool runs image by image (as with any limit under 1 MB).
+_TILE_BATCH_BYTES = 2 << 20
 
 # The CPU presets in the order ``host`` prefers them: the widest vectors first.
 _TABLE = [

@@ -14,11 +14,12 @@ from xcompile import runtime
 
 
 def _expected_slices(per_image: int, batch: int, limit: int) -> int:
-    """How many slices the preset's limit asks for: 1 (none) when the maps fit."""
+    """How many slices the preset's limit asks for: 1 (none) when the maps fit, else
+    the fewest whose maps fit, else one image a slice (at most 8 slices)."""
     if not limit or per_image * batch <= limit:
         return 1
-    size = max(m for m in range(1, batch) if batch % m == 0 and per_image * m <= limit)
-    return batch // size
+    counts = [n for n in range(2, min(batch, 8) + 1) if batch % n == 0]
+    return next((n for n in counts if per_image * batch // n <= limit), counts[-1])
 
 
 def test_large_maps_run_on_slices_of_the_batch_and_verify(tmp_path):
@@ -64,6 +65,16 @@ def test_large_maps_run_on_slices_of_the_batch_and_verify(tmp_path):
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     # Each image's result is its own: slice i of the batch ran on its own inputs.
     assert max_rel_err(runtime.load(out)(x), ort_run(onnx_path, x)) < 1e-5
+    # The slices share one copy of each weight, in the layout and packing the kernels
+    # read (each slice's convs transformed and packed their own before): as many
+    # weights and bytes as the batch-1 build's (the head's panels follow the batch).
+    one = tmp_path / "b1"
+    proc = run_cli("build", "--model", str(onnx_path), "--batch", "1", "-o", str(one))
+    assert proc.returncode == 0, proc.stderr
+    sliced_params, whole_params = (json.loads((d / "manifest.json").read_text())["params"]
+                                   for d in (out, one))
+    assert (out / "params.bin").stat().st_size == (one / "params.bin").stat().st_size
+    assert len(sliced_params["names"]) == len(whole_params["names"])
 
 
 def _module(batch: int, spelled_reshape: bool, residual_to_the_end: bool):
@@ -109,24 +120,35 @@ def test_pass_slices_a_graph_it_can_and_leaves_the_others():
     assert _count(tiled, "relax.strided_slice") == 2
     assert _count(tiled, "relax.concat") == 1
     assert _count(tiled, "relax.nn.relu") == 2 + 1  # the prefix's per slice, then the tail's
-    # Limits that every map fits, or none does even alone: nothing to slice.
+    # A limit that every map fits, or none: nothing to slice.
     assert tile_batch(4 * map_bytes)(ok)["main"].same_as(ok["main"])
-    assert tile_batch(map_bytes - 1)(ok)["main"].same_as(ok["main"])
     assert tile_batch(0)(ok)["main"].same_as(ok["main"])
+    # Where not even one image's map fits, one image a slice.
+    alone = tile_batch(map_bytes - 1)(ok)
+    assert _count(alone, "relax.strided_slice") == 4
+    assert _count(alone, "relax.nn.relu") == 4 + 1
     # A reshape that names the batch cannot take a slice; a prefix activation read by
     # the output itself leaves no place to cut.
     for mod in (_module(4, True, False), _module(4, False, True)):
         assert tile_batch(2 * map_bytes)(mod)["main"].same_as(mod["main"])
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_pass_needs_a_divisor_of_the_batch(batch):
-    from xcompile.batch_tiling import tile_batch
+@pytest.mark.parametrize("batch, limit_maps, slices", [
+    (1, 2, 0),    # nothing to slice
+    (3, 2, 3),    # room for 2 maps, 2 does not divide 3: slices of one image
+    (11, 0, 0),   # one image a slice would be 11 slices, more than the pass unrolls
+    (16, 0, 8),   # no image's map fits: the smallest slices the pass unrolls, 8 of 2
+    (16, 4, 4),   # room for 4 maps: 4 slices of 4
+])
+def test_pass_needs_a_divisor_of_the_batch(batch, limit_maps, slices):
+    from xcompile.batch_tiling import MAX_SLICES, tile_batch
 
+    assert MAX_SLICES == 8
     mod = _module(batch, spelled_reshape=False, residual_to_the_end=False)
-    # Batch 1 has nothing to slice; batch 3 with room for 2 maps: slices of 1.
-    tiled = tile_batch(2 * 8 * 32 * 32 * 4)(mod)
-    if batch == 1:
+    map_bytes = 8 * 32 * 32 * 4
+    tiled = tile_batch(max(limit_maps * map_bytes, map_bytes - 1))(mod)
+    if not slices:
         assert tiled["main"].same_as(mod["main"])
     else:
-        assert _count(tiled, "relax.strided_slice") == 3
+        assert _count(tiled, "relax.strided_slice") == slices
+        assert _count(tiled, "relax.nn.relu") == slices + 1

@@ -5,25 +5,29 @@ At batch 8, Xception's entry flow holds 88 MB feature maps (147x147x128): every 
 there reads its input from memory and writes its output to lines that are not in any
 cache (the write first reads them), where at batch 1 the same layers find their 11 MB
 maps in the last-level cache. The model at batch 8 ran 1.02x as long as eight runs at
-batch 1 (355 against 8 x 43.4 ms on the 2-core Emerald Rapids), while the middle and exit
-flows (19x19 and 10x10 maps) gain from the whole batch: their GEMMs get 8x the rows.
+batch 1 (355 against 8 x 43.4 ms on the 2-core Emerald Rapids). The middle flow's 19x19x728
+maps are 8.4 MB at batch 8: more than the cores' L2 caches, so each depthwise conv there
+read its input from the L3 and its kernels summed 27.1 ms a run against 15.9 for eight
+runs at batch 1 (2-core Zen 4, 1 MiB of L2 a core); the GEMMs beside them timed alike
+at either batch.
 
-``main`` is cut where one activation alone carries everything later layers read (the end
-of an entry-flow block: a dominator of the graph's output), at the first such place after
-the last map larger than ``max_bytes`` at the whole batch. The bindings before the cut are
-emitted once per slice of the batch, on ``strided_slice`` of the input (the weights and
-what is computed from them alone are shared), and the slices' cut values are
-concatenated along the batch. The slice is the largest divisor of the batch whose maps
-stay within ``max_bytes``. Every re-emitted operator must infer the sliced shape (the
-original's with the batch replaced); where one does not (a reshape that spells the batch
-out), the module is left as it was.
+``main`` is cut where one activation alone carries everything later layers read (a
+dominator of the graph's output), at the first such place after the last map larger
+than ``max_bytes`` at the whole batch. The bindings before the cut are emitted once per
+slice of the batch, on ``strided_slice`` of the input (the weights and what is computed
+from them alone are shared), and the slices' cut values are concatenated along the
+batch. The slice is the largest divisor of the batch whose maps stay within
+``max_bytes``, else one image (at most ``MAX_SLICES`` slices). Every re-emitted operator
+must infer the sliced shape (the original's with the batch replaced); where one does not
+(a reshape that spells the batch out), the module is left as it was.
 
-Measured on that machine, legacy_xception at batch 8 with the x86 presets' 24 MiB (the
-layers up to block 3's 19x19x728 output on 4 slices of 2 images), interleaved in one
-process: 0.978x and 0.979x as long untuned, 0.989x and 0.992x with the shipped log
-(whose batch-8 results for the entry flow no longer apply); peak resident memory
-(``bench --memory``) 410 -> 323 MiB. Slices of 1 or 4 images measured the same within the
-host's noise.
+With the x86 presets' 24 MiB, legacy_xception at batch 8 ran the layers up to block 3's
+output on 4 slices of 2 images: on the Emerald Rapids 0.978x and 0.979x as long untuned,
+peak resident memory (``bench --memory``) 410 -> 323 MiB; slices of 1 or 4 images there
+measured the same within the host's noise. With 2 MiB (the L2 of two cores of the
+smallest, 1 MiB) every layer up to the global pool runs on 8 slices of one image: on the
+Zen 4, interleaved in one process against the 24 MiB build, 0.976x untuned against
+untuned and 0.969x and 0.985x with the shipped log (whose batch-1 results then apply).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ import logging
 from xcompile.frontend import static_shape, tensor_bytes
 
 log = logging.getLogger(__name__)
+
+# The most slices ``main`` is unrolled into: each repeats the prefix's bindings (at batch
+# 8 in slices of one image the build took 27 s against 9 unsliced).
+MAX_SLICES = 8
 
 
 def tile_batch(max_bytes: int):
@@ -105,11 +113,20 @@ def _plan(func, max_bytes: int):
         return None  # an output of the block before the cut: it would be sliced
     biggest = max(tensor_bytes(b.var.ty) for b in bindings[:cut + 1]
                   if b.var in activation)
-    slices = [m for m in range(batch - 1, 0, -1)
-              if batch % m == 0 and biggest * m // batch <= max_bytes]
-    if not slices:
-        return None
-    return bindings, activation, cut, slices[0], batch
+    m = slice_size(biggest // batch, batch, max_bytes)
+    return None if m == batch else (bindings, activation, cut, m, batch)
+
+
+def slice_size(per_image: int, batch: int, max_bytes: int) -> int:
+    """Images a slice: the largest divisor of ``batch`` (below it) whose maps of
+    ``per_image`` bytes an image stay within ``max_bytes``; where none does, the
+    smallest divisor that keeps the slices to ``MAX_SLICES``."""
+    sizes = [m for m in range(batch - 1, 0, -1)
+             if batch % m == 0 and batch // m <= MAX_SLICES]
+    if not sizes:
+        return batch
+    fits = [m for m in sizes if per_image * m <= max_bytes]
+    return fits[0] if fits else sizes[-1]
 
 
 def _substitute(expr, env: dict):
@@ -200,7 +217,7 @@ def _tile(func, max_bytes: int):
                 else:
                     env[b.var] = bb.emit_output(value)
         bb.emit_func_output(_substitute(func.body.body, env))
-    log.info("batch %d: the layers up to the %s map %s run on %d slices of %d images",
+    log.info("batch %d: the layers up to the %s map %s run on %d slices of %d image%s",
              batch, "x".join(map(str, static_shape(bindings[cut].var.ty))), bindings[cut].var,
-             batch // m, m)
+             batch // m, m, "s" if m > 1 else "")
     return bb.get()["main"]

@@ -88,10 +88,12 @@ def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes:
 
     t = relax.transform
     passes = [fold_batch_norm(), recover_clip(), rewrite_leaky_relu(),
-              t.DecomposeOpsForInference(),
-              t.CanonicalizeBindings(), tile_batch(tile_batch_bytes)]
+              t.DecomposeOpsForInference(), t.CanonicalizeBindings()]
     if layout:
         passes += [t.ConvertLayout(layout), t.Normalize(), t.CanonicalizeBindings()]
+    # After the layout: the weights' layout transforms, once, ahead of every slice (on
+    # the graph before it, each slice's convs got their own: 8 copies of the weights).
+    passes.append(tile_batch(tile_batch_bytes))
     if precision == "fp16":
         passes += [t.ToMixedPrecision(out_dtype="float32"), t.CanonicalizeBindings()]
     return tvm.transform.Sequential(passes, name="xcompile.GraphPasses")
@@ -219,6 +221,9 @@ def optimize(mod, preset, custom_schedules: bool = True, tuned=None,
             mod = tuned.apply_pass()(mod)
         mod = schedules.apply_rules(rules)(mod)
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        # The split packs a weight at every call of its kernel: one packing (and one
+        # packed copy) where slices of the batch call a kernel on the same weight.
+        mod = relax.transform.EliminateCommonSubexpr()(mod)
         mod, pack_stage = _lift_weights(mod)
         mod = relax.transform.DeadCodeElimination(["main"])(mod)
         # Read after the split: kernels with packed weights are renamed (*_prepacked).
