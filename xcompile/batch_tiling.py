@@ -26,8 +26,10 @@ output on 4 slices of 2 images: on the Emerald Rapids 0.978x and 0.979x as long 
 peak resident memory (``bench --memory``) 410 -> 323 MiB; slices of 1 or 4 images there
 measured the same within the host's noise. With 2 MiB (the L2 of two cores of the
 smallest, 1 MiB) every layer up to the global pool runs on 8 slices of one image: on the
-Zen 4, interleaved in one process against the 24 MiB build, 0.976x untuned against
-untuned and 0.969x and 0.985x with the shipped log (whose batch-1 results then apply).
+Zen 4, interleaved in one process against the 24 MiB build (the median ratio of each
+round's pair): 0.962x untuned against untuned; with the shipped log (whose batch-1
+results then apply) 0.971x over 45 rounds, 0.968x-0.988x over 24, 0.995x-1.020x in a
+noisy spell. MobileNetV2 0.815x, EfficientNet-B0 0.882x, ConvNeXt-atto 0.959x.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from xcompile.frontend import static_shape, tensor_bytes
 log = logging.getLogger(__name__)
 
 # The most slices ``main`` is unrolled into: each repeats the prefix's bindings (at batch
-# 8 in slices of one image the build took 27 s against 9 unsliced).
+# 8 in slices of one image legacy_xception's build took 14-27 s against 9-10 unsliced).
 MAX_SLICES = 8
 
 
@@ -118,7 +120,7 @@ def _plan(func, max_bytes: int):
 
 
 def slice_size(per_image: int, batch: int, max_bytes: int) -> int:
-    """Images a slice: the largest divisor of ``batch`` (below it) whose maps of
+    """Images per slice: the largest divisor of ``batch`` (below it) whose maps of
     ``per_image`` bytes an image stay within ``max_bytes``; where none does, the
     smallest divisor that keeps the slices to ``MAX_SLICES``."""
     sizes = [m for m in range(batch - 1, 0, -1)
