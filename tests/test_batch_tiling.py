@@ -112,6 +112,8 @@ def _count(mod, op_name: str) -> int:
 
 
 def test_pass_slices_a_graph_it_can_and_leaves_the_others():
+    from tvm import relax
+
     from xcompile.batch_tiling import tile_batch
 
     map_bytes = 8 * 32 * 32 * 4  # one image's map
@@ -120,6 +122,14 @@ def test_pass_slices_a_graph_it_can_and_leaves_the_others():
     assert _count(tiled, "relax.strided_slice") == 2
     assert _count(tiled, "relax.concat") == 1
     assert _count(tiled, "relax.nn.relu") == 2 + 1  # the prefix's per slice, then the tail's
+    # Cut after the sum, not the product before it (the first place after the last
+    # large map): each slice's part carries 8 numbers an image, not a map.
+    assert _count(tiled, "relax.sum") == 2
+    concat = []
+    relax.analysis.post_order_visit(
+        tiled["main"], lambda e: concat.append(e) if isinstance(e, relax.Call)
+        and getattr(e.op, "name", "") == "relax.concat" else None)
+    assert [int(d) for d in concat[0].ty.shape] == [4, 8]
     # A limit that every map fits, or none: nothing to slice.
     assert tile_batch(4 * map_bytes)(ok)["main"].same_as(ok["main"])
     assert tile_batch(0)(ok)["main"].same_as(ok["main"])

@@ -13,7 +13,8 @@ at either batch.
 
 ``main`` is cut where one activation alone carries everything later layers read (a
 dominator of the graph's output), at the first such place after the last map larger
-than ``max_bytes`` at the whole batch. The bindings before the cut are emitted once per
+than ``max_bytes`` at the whole batch, or a later one that carries less (the global
+pool's output rather than the map before it). The bindings before the cut are emitted once per
 slice of the batch, on ``strided_slice`` of the input (the weights and what is computed
 from them alone are shared), and the slices' cut values are concatenated along the
 batch. The slice is the largest divisor of the batch whose maps stay within
@@ -70,7 +71,8 @@ def tile_batch(max_bytes: int):
 
 def _plan(func, max_bytes: int):
     """(the bindings of ``main``'s dataflow block, the set of activation variables, the
-    index of the cut binding, the slice size, the batch), or None."""
+    indices of the bindings to cut after, preferred first, the slice size, the batch), or
+    None."""
     from tvm import relax
 
     body = func.body
@@ -100,23 +102,33 @@ def _plan(func, max_bytes: int):
              and tensor_bytes(b.var.ty) > max_bytes]
     if not large:
         return None
+    # The places to cut after the last large map: one activation carries the rest, it is
+    # not the output, and no output of the block comes before it (it would be sliced).
     live: set = set()
-    cut = None
-    for i, b in enumerate(bindings):
+    cuts = []
+    for i, b in enumerate(bindings[:-1]):
         live = {v for v in live if last_use.get(v, -1) > i}
         if b.var in activation and last_use.get(b.var, -1) > i:
             live.add(b.var)
-        if i >= large[-1] and live == {b.var}:
-            cut = i
+        if not isinstance(b.var, relax.DataflowVar):
             break
-    if cut is None or cut == len(bindings) - 1:
-        return None  # no single activation carries the rest (or the cut is the output)
-    if any(not isinstance(b.var, relax.DataflowVar) for b in bindings[:cut + 1]):
-        return None  # an output of the block before the cut: it would be sliced
-    biggest = max(tensor_bytes(b.var.ty) for b in bindings[:cut + 1]
+        if i >= large[-1] and live == {b.var}:
+            cuts.append(i)
+    if not cuts:
+        return None
+    biggest = max(tensor_bytes(b.var.ty) for b in bindings[:cuts[0] + 1]
                   if b.var in activation)
     m = slice_size(biggest // batch, batch, max_bytes)
-    return None if m == batch else (bindings, activation, cut, m, batch)
+    if m == batch:
+        return None
+    # The first place, or a later one where less is carried: each slice's part waits for
+    # the concatenation in storage the memory planner may give it from a map up to 16x
+    # its size (Xception's 10x10x2048 parts each held an 11 MB token, 9 tokens in all
+    # against 2 at batch 1; after the global mean, 8 KB parts).
+    first = tensor_bytes(bindings[cuts[0]].var.ty)
+    later = sorted((i for i in cuts[1:] if tensor_bytes(bindings[i].var.ty) < first),
+                   key=lambda i: (tensor_bytes(bindings[i].var.ty), i))
+    return bindings, activation, later + cuts[:1], m, batch
 
 
 def slice_size(per_image: int, batch: int, max_bytes: int) -> int:
@@ -189,9 +201,11 @@ def _tile(func, max_bytes: int):
     plan = _plan(func, max_bytes)
     if plan is None:
         return None
-    bindings, activation, cut, m, batch = plan
+    bindings, activation, cuts, m, batch = plan
     x = func.params[0]
-    if not _follows_the_batch(bindings, activation, cut, x, m, batch):
+    cut = next((c for c in cuts if _follows_the_batch(bindings, activation, c, x, m, batch)),
+               None)
+    if cut is None:
         return None
     bb = relax.BlockBuilder()
     attrs = dict(func.attrs.items()) if func.attrs is not None else None
