@@ -14,10 +14,10 @@ at either batch.
 ``main`` is cut where one activation alone carries everything later layers read (a
 dominator of the graph's output), at the first such place after the last map larger
 than ``max_bytes`` at the whole batch, or a later one that carries less (the global
-pool's output rather than the map before it). The bindings before the cut are emitted once per
-slice of the batch, on ``strided_slice`` of the input (the weights and what is computed
-from them alone are shared), and the slices' cut values are concatenated along the
-batch. The slice is the largest divisor of the batch whose maps stay within
+pool's output rather than the map before it). The bindings before the cut are emitted
+once per slice of the batch, on ``strided_slice`` of the input (the weights and what is
+computed from them alone are shared), and the slices' cut values are concatenated along
+the batch. The slice is the largest divisor of the batch whose maps stay within
 ``max_bytes``, else one image (at most ``MAX_SLICES`` slices). Every re-emitted operator
 must infer the sliced shape (the original's with the batch replaced); where one does not
 (a reshape that spells the batch out), the module is left as it was.
@@ -204,8 +204,8 @@ def _tile(func, max_bytes: int):
         return None
     bindings, activation, cuts, m, batch = plan
     x = func.params[0]
-    cut = next((c for c in cuts if _follows_the_batch(bindings, activation, c, x, m, batch)),
-               None)
+    cut = next((c for c in cuts
+                if _follows_the_batch(bindings, activation, c, x, m, batch)), None)
     if cut is None:
         return None
     bb = relax.BlockBuilder()
