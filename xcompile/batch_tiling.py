@@ -43,7 +43,7 @@ from xcompile.frontend import static_shape, tensor_bytes
 log = logging.getLogger(__name__)
 
 # The most slices ``main`` is unrolled into: each repeats the prefix's bindings (at batch
-# 8 in slices of one image legacy_xception's build took 14-27 s against 9-10 unsliced).
+# 8 in slices of one image legacy_xception's build took 10-27 s against 9-10 unsliced).
 MAX_SLICES = 8
 
 
