@@ -170,16 +170,17 @@ class _Declined(Exception):
     """The graph cannot be sliced (an operator does not follow the batch)."""
 
 
-def _follows_the_batch(bindings, activation, cut: int, x, m: int, batch: int) -> bool:
-    """Whether every activation before the cut, computed on a slice of ``m`` images,
-    has the original's shape with the batch replaced (checked by type inference alone,
-    on stand-in variables, before anything is emitted)."""
+def _follows_the_batch_to(bindings, activation, end: int, x, m: int, batch: int) -> int:
+    """The index of the first activation up to binding ``end`` that, computed on a slice
+    of ``m`` images, does not have the original's shape with the batch replaced, or
+    ``end + 1`` where all do (checked by type inference alone, on stand-in variables,
+    before anything is emitted): a cut before that index may be sliced."""
     from tvm import relax
 
     scratch = relax.BlockBuilder()
     shape = static_shape(x.ty)
     env = {x: relax.Var("slice", relax.TensorType([m] + shape[1:], x.ty.dtype))}
-    for b in bindings[:cut + 1]:
+    for i, b in enumerate(bindings[:end + 1]):
         if b.var not in activation:
             continue
         want = static_shape(b.var.ty)
@@ -187,12 +188,12 @@ def _follows_the_batch(bindings, activation, cut: int, x, m: int, batch: int) ->
             got = static_shape(scratch.normalize(_substitute(b.value, env)).ty)
         except (_Declined, ValueError, TypeError, RuntimeError) as e:  # TVM's errors too
             log.debug("batch tiling declined at %s: %s", b.var, e)
-            return False
+            return i
         if want is None or want[0] != batch or got != [m] + want[1:]:
             log.debug("batch tiling declined at %s: %s for a slice of %s", b.var, got, want)
-            return False
+            return i
         env[b.var] = relax.Var("sliced", relax.TensorType(got, b.var.ty.dtype))
-    return True
+    return end + 1
 
 
 def _tile(func, max_bytes: int):
@@ -204,8 +205,9 @@ def _tile(func, max_bytes: int):
         return None
     bindings, activation, cuts, m, batch = plan
     x = func.params[0]
-    cut = next((c for c in cuts
-                if _follows_the_batch(bindings, activation, c, x, m, batch)), None)
+    # One check up to the farthest place serves every place before it.
+    reach = _follows_the_batch_to(bindings, activation, max(cuts), x, m, batch)
+    cut = next((c for c in cuts if c < reach), None)
     if cut is None:
         return None
     bb = relax.BlockBuilder()
