@@ -121,13 +121,14 @@ def _time_task(task, entry, rules_by_name, target, device, builder, runner, limi
             times = run(runner, inputs)
             if not sentinel:
                 break
-            defaults = [t for t in (times[1], times[-1]) if t is not None]
+            last = times[-1]
+            defaults = [t for t in (times[1], last) if t is not None]
             times = times[2:-1]
-            if defaults and defaults[-1] <= SLOW_STRETCH * reference:
+            if last is not None and last <= SLOW_STRETCH * reference:
                 break
             log.info("%s: the default read %s ms after a batch against its %.3f ms "
                      "baseline: the machine ran slow; timing the batch again", task.name,
-                     f"{defaults[-1]:.3f}" if defaults else "-", reference)
+                     "-" if last is None else f"{last:.3f}", reference)
         # Logged at the baseline's scale: each time over the default's in the same batch
         # (the mean of its timings before and after), times the baseline
         # (``relative_to_baseline``).
