@@ -64,8 +64,9 @@ class Conv2DNHWC:
     # Operations per output element in ``epilogues`` as written (TVM's count: a bias and
     # ReLU 1-2, a SiLU's polynomial sigmoid ~120, its shared subexpressions counted anew).
     epilogue_ops: float = 0.0
-    # A 1x1 stride-1 conv without padding (``pixel_for_pixel``): its GEMM rows are the
-    # input's pixels, in order, and a GEMM can read them where they lie.
+    # A stride-1 conv without padding (``window_in_place``): each window position's GEMM
+    # rows are input pixels a fixed offset from the output pixel's, and a GEMM can read
+    # them where they lie (a 1x1 conv's rows are the input's pixels, in order).
     rows_in_place: bool = False
     # The input the block reads (its zero-padded copy where there is padding), NHWC.
     in_shape: tuple[int, ...] = ()
@@ -157,7 +158,7 @@ def match_conv2d_nhwc(sch) -> Conv2DNHWC | None:
     if conv is None:
         return None
     conv.pad_block = _pad_producer(sch, conv.block)
-    conv.rows_in_place = pixel_for_pixel(sch, conv) and not _pads(sch, conv.pad_block)
+    conv.rows_in_place = window_in_place(sch, conv) and not _pads(sch, conv.pad_block)
     is_pad = (lambda b: conv.pad_block is not None
               and sch.get(b).same_as(sch.get(conv.pad_block)))
     after = [b for b in split[1] if not is_pad(b)]
@@ -182,18 +183,24 @@ def _pads(sch, pad_block) -> bool:
     return any(shape != [int(s) for s in r.source.shape] for r in block.reads)
 
 
-def pixel_for_pixel(sch, conv: Conv2DNHWC) -> bool:
-    """Whether ``conv`` reads input pixel (n, y, x) for output pixel (n, y, x): a 1x1
-    stride-1 convolution with no padding."""
+def window_in_place(sch, conv: Conv2DNHWC) -> bool:
+    """Whether ``conv`` reads input pixel (n, y + ry, x + rx) for output pixel (n, y, x) at
+    window position (ry, rx): stride 1, dilation 1, any window, no padding in the index
+    (a padding producer is the caller's to rule out)."""
     from tvm.sym.analyzer import Analyzer
 
     block = sch.get(conv.block)
     n, y, x, _, ry, rx, _ = (iv.var for iv in block.iter_vars)
     rn, ryy, rxx = (r.min for r in block.reads[0].region[:3])
-    # The 1x1 window's iters have extent 1; the index is `y + ry` (stride 2: `y * 2 + ry`).
+    # The index is `y + ry` (stride 2: `y * 2 + ry`, dilation 2: `y + ry * 2`).
     same = Analyzer().can_prove_equal
-    return (conv.kernel == (1, 1) and is_var(rn, n) and same(ryy, y + ry)
-            and same(rxx, x + rx))
+    return is_var(rn, n) and same(ryy, y + ry) and same(rxx, x + rx)
+
+
+def pixel_for_pixel(sch, conv: Conv2DNHWC) -> bool:
+    """Whether ``conv`` reads input pixel (n, y, x) for output pixel (n, y, x): a 1x1
+    stride-1 convolution with no padding."""
+    return conv.kernel == (1, 1) and window_in_place(sch, conv)
 
 
 @dataclass

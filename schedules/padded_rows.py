@@ -1,7 +1,7 @@
 """Unguarded reads for GEMM rows whose results are dropped.
 
-A GEMM that reads a 1x1 stride-1 convolution's input rows where they lie, without a
-packed copy (``cpu.conv_gemm``'s ``direct`` tiles), still pads its pixel rows to whole
+A GEMM that reads a stride-1 convolution's input rows where they lie, without a packed
+copy (``cpu.conv_gemm``'s ``direct`` tiles), still pads its pixel rows to whole
 tiles. The padding makes TVM guard each read, ``if_then_else(row < M, x[row], 0)``: a
 branch per broadcast in the micro-kernel. The results of the padded rows are dropped at
 the write-back, so what they read does not matter: the schedule marks such a block with

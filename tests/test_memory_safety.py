@@ -1,7 +1,7 @@
 """Memory safety: every kernel of the test models runs with each of its buffers placed
 against unmapped guard pages (``guard_pages.py``), for every CPU preset this machine
-executes: padding 0, 1, 2 and asymmetric, strides 1 and 2, batch 1 and 2, fused and
-unfused separable convolutions, channel counts that do not fill whole vectors (odd ones:
+executes: padding 0 (stride-1 windows read in place), 1, 2 and asymmetric, strides 1
+and 2, batch 1 and 2, fused and unfused separable convolutions, channel counts that do not fill whole vectors (odd ones:
 overlapped full-width vectors)."""
 
 from __future__ import annotations
@@ -61,8 +61,13 @@ def models(tmp_path_factory, xception71_onnx):
     # The timm xception41 stem that faulted: 3x3 stride 2 pad 1, then 3x3 pad 1.
     stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1, 1),
                          nn.ReLU()).eval()
+    # legacy Xception's stem: no padding, so the stride-1 3x3 conv (and a 1x3 one after
+    # it) reads its rows in place, the rows padded to whole tiles reading the last one.
+    valid = nn.Sequential(nn.Conv2d(3, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 40, 3),
+                          nn.ReLU(), nn.Conv2d(40, 24, (1, 3))).eval()
     return {
         "stem": export_torch(stem, root / "stem.onnx", (1, 3, 150, 150)),
+        "valid-stem": export_torch(valid, root / "valid.onnx", (2, 3, 35, 35)),
         # tf2onnx's Keras style: 'same' padding, asymmetric at stride 2; 24 and 40
         # channels (no whole 16-lane vectors).
         "asymmetric": keras_like(root / "keras.onnx", batch="N"),
@@ -79,10 +84,11 @@ def models(tmp_path_factory, xception71_onnx):
 
 @pytest.mark.parametrize("preset", executable_cpu_presets())
 @pytest.mark.parametrize("model,batch,fuse", [
-    ("stem", 1, False), ("stem", 2, False), ("asymmetric", 2, False),
+    ("stem", 1, False), ("stem", 2, False), ("valid-stem", 2, False),
+    ("asymmetric", 2, False),
     ("mobile", 2, False), ("mobile", 1, True), ("mobile", 2, True), ("odd", 2, False),
     ("xception71", 1, False), ("xception71", 2, True),
-], ids=["stem-b1", "stem-b2", "keras-asymmetric-b2", "mobile-b2", "mobile-fused-b1",
+], ids=["stem-b1", "stem-b2", "valid-stem-b2", "keras-asymmetric-b2", "mobile-b2", "mobile-fused-b1",
         "mobile-fused-b2", "odd-channels-b2", "xception71-b1", "xception71-fused-b2"])
 def test_kernels_stay_inside_their_buffers(models, model, batch, fuse, preset):
     args = [models[model], preset, batch] + (["--fuse-separable"] if fuse else [])

@@ -570,8 +570,8 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     """A 1x1 stride-1 conv's tiles read the input rows where they lie (no packed copy);
     its pixel rows, padded to whole tiles, read the last row instead of a guarded load
     (the pass that finishes kernels), and it gives the unscheduled result. Strided and
-    KxK convs keep the packed panel, and so does an input too large to come from the
-    caches; the tuner also times the packed one."""
+    zero-padded convs keep the packed panel, and so does an input too large to come from
+    the caches; the tuner also times the packed one."""
     from dataclasses import replace
 
     from tvm import s_tir
@@ -587,7 +587,8 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
         return conv, PackedConvGEMM().configs(conv, target)
 
     assert not default(conv_kernel(64, 48, size=13, stride=2))[1][0].direct
-    assert not default(conv_kernel(16, 48, size=13, k=3))[1][0].direct
+    assert not default(conv_kernel(16, 48, size=13, k=3, pad=1))[1][0].direct
+    assert not default(conv_kernel(16, 48, size=13, k=3, stride=2))[1][0].direct
     # 128 channels of 147x147 pixels: 11 MB in place, 22 MB (two of them) packed.
     assert gemm_configs(147 * 147, 128, 16, 32, 2, 128, direct=True)[0].direct
     assert not gemm_configs(2 * 147 * 147, 128, 16, 32, 2, 128, direct=True)[0].direct
@@ -631,6 +632,46 @@ def test_pointwise_tiles_read_the_input_rows_in_place():
     PackedConvGEMM._schedule(sch, match_conv2d_nhwc(sch), replace(configs[0], direct=True),
                              cpu_info(target).lanes)
     assert_computes_the_same(func, sch.mod["main"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_window_tiles_read_the_input_rows_in_place(batch):
+    """A KxK stride-1 conv without padding (Xception's second stem conv) reads each
+    window position's rows where they lie, a fixed offset from the output pixel's:
+    no im2col copy, and the unscheduled result, with the rows padded to whole tiles
+    (121 a image, whose rows at batch 2 run on into the second image), the padded rows
+    reading the last row unguarded; 1x3 and 3x1 windows too."""
+    from dataclasses import replace
+
+    from tvm import s_tir
+
+    from xcompile.schedules.analysis import match_conv2d_nhwc
+    from xcompile.schedules.cpu.target_info import cpu_info
+
+    lanes = cpu_info(HOST.tvm_target()).lanes
+    for k in (3, (1, 3), (3, 1)):
+        func = conv_kernel(16, 48, size=13, k=k, batch=batch)
+        sch = s_tir.Schedule(func)
+        conv = match_conv2d_nhwc(sch)
+        configs = PackedConvGEMM().configs(conv, HOST.tvm_target())
+        assert conv.rows_in_place and configs[0].direct, k
+        assert any(not c.direct for c in configs)  # the tuner times the packed one too
+        PackedConvGEMM._schedule(sch, conv, replace(configs[0], mb=2), lanes)
+        assert_computes_the_same(func, sch.mod["main"])
+        text = finished(sch.mod["main"]).script()
+        rows = batch * (13 - conv.kernel[0] + 1) * (13 - conv.kernel[1] + 1)
+        assert "T.if_then_else" not in text and f"T.int64({rows - 1}))" in text, k
+        # No packed input: the kernel allocates its accumulators and the packed weights
+        # (lifted out at build time), where the packed configuration adds the panel.
+        assert _allocations(text) == 2, text
+        packed = s_tir.Schedule(func)
+        PackedConvGEMM._schedule(packed, match_conv2d_nhwc(packed),
+                                 replace(configs[0], mb=2, direct=False), lanes)
+        assert _allocations(packed.mod["main"].script()) == 3
+
+
+def _allocations(text: str) -> int:
+    return text.count("T.sblock_alloc_buffer(")
 
 
 @pytest.mark.parametrize("groups", [1, 2])

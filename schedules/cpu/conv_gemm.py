@@ -7,7 +7,9 @@ schedule is a register-blocked micro-kernel in the BLIS manner:
 - the pixel domain is padded to whole chunks (``pad_einsum``), so the hot loop carries no
   bounds checks, and each chunk's input rows are packed (im2col for KxK) into a
   ``[tile, K / v, MR, v]`` panel while they are hot in cache (``pack_panel``), except
-  where a 1x1 stride-1 conv's tiles read the rows in place (``GEMMTile.direct``);
+  where a stride-1 conv without padding has its tiles read the rows in place
+  (``GEMMTile.direct``: a 1x1 conv's rows are the input's pixels; a KxK conv's rows at
+  window position (ry, rx) are the pixels ry rows and rx columns on, with no im2col copy);
 - weights are packed at build time into ``[F/NR, KH, KW, C, NR]`` panels (a layout-rewrite
   block that the pipeline lifts into the weight transform), so each panel is contiguous;
 - MR x NR accumulators stay in vector registers across the whole reduction; bias,
@@ -222,8 +224,13 @@ class GEMMTile:
     # The reduction of each tile in this many parts, each prefetching a share of the next
     # weight panel (``prefetch_parts``); 0: no prefetch. (Logs written before read as 0.)
     prefetch: int = 0
-    # The tiles read the input rows where they lie, not a packed copy (1x1 stride-1 convs
+    # The tiles read the input rows where they lie, not a packed copy (stride-1 convs
     # without padding, ``Conv2DNHWC.rows_in_place``; see ``schedules.padded_rows``).
+    # Measured for a KxK window on a 2-core Zen 4, legacy_xception's second stem conv
+    # (3x3, 32 -> 64 channels on 147x147, no padding) in the model at batch 1: 4.07-4.32
+    # -> 3.93-4.12 ms untuned; with the shipped log (whose packed 4 x 1 tiles it
+    # replaces) 3.86-4.06 -> 3.74-3.77, the model 0.990x (80 paired rounds); OpenVINO's
+    # 3.66-3.75. Timed alone, in-place tiles of 6 x 4 to 14 x 2 all ran 3.54-3.66 ms.
     direct: bool = False
     # Each tile runs through every weight panel of its group before the next tile starts
     # (its input rows stay in L1, its output rows are written whole), instead of each
