@@ -1,8 +1,8 @@
 """Memory safety: every kernel of the test models runs with each of its buffers placed
 against unmapped guard pages (``guard_pages.py``), for every CPU preset this machine
 executes: padding 0 (stride-1 windows read in place), 1, 2 and asymmetric, strides 1
-and 2, batch 1 and 2, fused and unfused separable convolutions, channel counts that do not fill whole vectors (odd ones:
-overlapped full-width vectors)."""
+and 2, batch 1 and 2, fused and unfused separable convolutions, channel counts that do
+not fill whole vectors (odd ones: overlapped full-width vectors)."""
 
 from __future__ import annotations
 
@@ -88,8 +88,9 @@ def models(tmp_path_factory, xception71_onnx):
     ("asymmetric", 2, False),
     ("mobile", 2, False), ("mobile", 1, True), ("mobile", 2, True), ("odd", 2, False),
     ("xception71", 1, False), ("xception71", 2, True),
-], ids=["stem-b1", "stem-b2", "valid-stem-b2", "keras-asymmetric-b2", "mobile-b2", "mobile-fused-b1",
-        "mobile-fused-b2", "odd-channels-b2", "xception71-b1", "xception71-fused-b2"])
+], ids=["stem-b1", "stem-b2", "valid-stem-b2", "keras-asymmetric-b2", "mobile-b2",
+        "mobile-fused-b1", "mobile-fused-b2", "odd-channels-b2", "xception71-b1",
+        "xception71-fused-b2"])
 def test_kernels_stay_inside_their_buffers(models, model, batch, fuse, preset):
     args = [models[model], preset, batch] + (["--fuse-separable"] if fuse else [])
     assert_all_kernels_ok(run_harness(*args))

@@ -383,24 +383,55 @@ def test_validation_decides_per_workload():
 
 
 def test_validation_keeps_other_models_verdicts():
-    """Tuning a second model (or batch) into a log keeps what the first one's validation
-    rejected and chose, less what the second judges anew; a build honours both."""
+    """Tuning a second model or batch into a log keeps the first one's verdict whole; a
+    build takes, per workload, its own model's verdict at its batch, then its batch's,
+    then any: a workload the batch-1 and batch-8 models share (the batch-8 model's
+    slices run the batch-1 kernels) keeps each batch's verdict."""
     from xcompile.tuning import log_folder
 
     first = {"model_hash": "m1", "batch": 1, "rejected": ["h1", "h2"], "choice": {"h3": 2},
              "workloads": [{"workload": h} for h in ("h1", "h2", "h3")]}
-    carried = log_folder.earlier_verdicts(first, "m1", 8, {"h2", "h9"})
-    assert carried == [{"model": "m1", "batch": 1, "judged": ["h1", "h3"],
-                        "rejected": ["h1"], "choice": {"h3": 2}}]
+    carried = log_folder.earlier_verdicts(first, "m1", 8)
+    assert carried == [{"model": "m1", "batch": 1, "judged": ["h1", "h2", "h3"],
+                        "rejected": ["h1", "h2"], "choice": {"h3": 2}}]
     second = {"model_hash": "m1", "batch": 8, "rejected": ["h9"], "earlier": carried,
               "choice": {"h2": 2}, "workloads": [{"workload": "h2"}, {"workload": "h9"}]}
-    assert log_folder.rejected_workloads(second) == {"h1", "h9"}
-    assert log_folder.chosen_ranks(second) == {"h2": 2, "h3": 2}
-    # Validating the first again replaces its own verdict and carries the second's.
-    again = log_folder.earlier_verdicts(second, "m1", 1, {"h1", "h3"})
+    # Batch 8: h2 accepted there (its second result), h1 and h3 as batch 1 judged them.
+    assert log_folder.judgement(second, "m1", 8) == ({"h1", "h9"}, {"h2": 2, "h3": 2})
+    # Batch 1: h2 stays rejected; h9, judged at batch 8 alone, rejected there.
+    assert log_folder.judgement(second, "m1", 1) == ({"h1", "h2", "h9"}, {"h3": 2})
+    # Another model at batch 8 takes the batch-8 verdict first.
+    assert log_folder.judgement(second, "m2", 8) == ({"h1", "h9"}, {"h2": 2, "h3": 2})
+    # A build that names no model: batch 1's verdict first (verdicts that name no
+    # batch are batch 1's too).
+    assert log_folder.judgement(second) == ({"h1", "h2", "h9"}, {"h3": 2})
+    # Validating the first again replaces its own verdict (written with no batch before
+    # verdicts named it: batch 1) and carries the second's.
+    again = log_folder.earlier_verdicts(second, "m1", 1)
     assert again == [{"model": "m1", "batch": 8, "judged": ["h2", "h9"], "rejected": ["h9"],
                       "choice": {"h2": 2}}]
-    assert log_folder.earlier_verdicts(None, "m1", 1, set()) == []
+    assert log_folder.earlier_verdicts(dict(first, batch=None), "m1", 1) == []
+    assert log_folder.earlier_verdicts(None, "m1", 1) == []
+
+
+def test_model_estimate_counts_each_models_calls(tmp_path):
+    """A workload two models share (the batch-8 model's slices run the batch-1 kernels)
+    counts the calls of the model validated: 17 at batch 1, 136 at batch 8; a log from
+    before calls were kept per model counts its one figure."""
+    from xcompile.tuning import log_folder
+    from xcompile.tuning_validation import model_estimate_ms
+
+    one, eight = ["m", None], ["m", 8]
+    task = {"name": "gemm", "configs": {}, "baseline_ms": 2.0, "best_ms": 1.5,
+            "calls": 136, "models": [one, eight],
+            "calls_by_model": {json.dumps(one): 17, json.dumps(eight): 136}}
+    old = {"name": "old", "configs": {}, "baseline_ms": 1.0, "calls": 3, "models": [one]}
+    manifest = {"format": log_folder.FORMAT, "target": {"name": "host", "tvm": {}},
+                "models": {}, "runs": [], "trials": 0, "tasks": {"h1": task, "h2": old}}
+    log_folder.write_manifest(tmp_path, manifest)
+    assert model_estimate_ms(tmp_path, {"gemm": "h1"}, one) == {"untuned": 37.0,
+                                                                 "tuned": 28.5}
+    assert model_estimate_ms(tmp_path, {}, eight) == {"untuned": 272.0, "tuned": 272.0}
 
 
 def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path):
@@ -779,12 +810,14 @@ def test_shipped_log_applies_to_the_model_it_was_tuned_for(shipped, tmp_path):
         # batch was validated last, one it carried forward (``earlier``).
         assert m["tuning"]["validated"]
         verdicts = [{"model": validation["model_hash"], "batch": validation["batch"],
-                     "judged": [w["workload"] for w in validation["workloads"]]},
+                     "judged": [w["workload"] for w in validation["workloads"]],
+                     "rejected": validation["rejected"]},
                     *validation.get("earlier", [])]
-        judged = {w for v in verdicts if v["model"] == m["model"]["sha256"]
-                  and v["batch"] in (None, 1) for w in v["judged"]}
+        own = [v for v in verdicts if v["model"] == m["model"]["sha256"]
+               and v["batch"] in (None, 1)]
+        judged = {w for v in own for w in v["judged"]}
         # (Less those of kernels whose default changed since: they wait for a re-tune.)
-        kept = (judged - log_folder.rejected_workloads(validation)
+        kept = (judged - {w for v in own for w in v["rejected"]}
                 - set(m["tuning"]["stale_workloads"].values()))
         assert set(m["tuning"]["workloads"].values()) == kept, m["tuning"]
         assert bool(m["tuning"]["applied"]) == bool(kept)

@@ -176,7 +176,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     if opts.custom_schedules:
         from xcompile.tuning import load_for_build
 
-        tuned = load_for_build(opts.tuning_log, preset)
+        tuned = load_for_build(opts.tuning_log, preset,
+                               (sha256_file(opts.model), imported.input.shape[0]))
     opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned,
                             precision=opts.precision, fuse_separable=opts.fuse_separable)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)

@@ -15,6 +15,7 @@ judged; builds apply only the accepted results while the log is unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import tempfile
@@ -171,12 +172,13 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
         log.info("validating the log in the whole model: building without it and with it")
         manifest = _build_both(opts, Path(tmp), folder)
         workloads = (manifest.get("tuning") or {}).get("workloads", {})
+        # The batch built (the model's own where the options name none).
+        batch = int(manifest["inputs"][0]["shape"][0])
         verdict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": bench.machine()["cpu"],
-                   "model_hash": model_hash, "batch": opts.batch,
+                   "model_hash": model_hash, "batch": batch,
                    "rounds": rounds, "rejected": [], "workloads": [],
-                   "estimate_ms": _estimate_ms(folder, workloads, [model_hash, opts.batch]),
-                   "earlier": log_folder.earlier_verdicts(previous, model_hash, opts.batch,
-                                                          set(workloads.values()))}
+                   "estimate_ms": model_estimate_ms(folder, workloads, [model_hash, opts.batch]),
+                   "earlier": log_folder.earlier_verdicts(previous, model_hash, batch)}
         if not workloads:
             log.info("no kernel of the model takes a result from the log")
             verdict["model"] = {"outcome": "nothing to apply"}
@@ -254,7 +256,7 @@ def _check_model(opts, folder: Path, tmp: Path, verdict: dict, x, rounds: int,
     return out
 
 
-def _estimate_ms(folder: Path, workloads: dict[str, str], model: list) -> dict:
+def model_estimate_ms(folder: Path, workloads: dict[str, str], model: list) -> dict:
     """The tuner's model estimates (sum over the model's kernels of calls x the time
     measured alone): with our default schedules, and with what the build applied.
     ``model``: [model hash, batch]; a log that also holds other models' tasks counts
@@ -268,7 +270,8 @@ def _estimate_ms(folder: Path, workloads: dict[str, str], model: list) -> dict:
         base = t.get("baseline_ms")
         if base is None:
             continue
-        calls = t.get("calls", 1)
+        # (Logs written before calls were kept per model have the last run's.)
+        calls = t.get("calls_by_model", {}).get(json.dumps(model), t.get("calls", 1))
         untuned += calls * base
         best = t.get("best_ms") if h in applied and t.get("best_ms") else base
         tuned += calls * min(base, best)

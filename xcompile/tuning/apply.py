@@ -40,7 +40,9 @@ class TunedKernels:
     """The usable results of one log folder for one target: per workload, our rules'
     timed configurations (manifest) and MetaSchedule's records (database)."""
 
-    def __init__(self, folder: Path, key: str, rules: list):
+    def __init__(self, folder: Path, key: str, rules: list, model: tuple | None = None):
+        """``model``: (the sha256 of the ONNX file built, its batch), whose validations
+        count first (``log_folder.judgement``)."""
         self.folder = folder
         with log_folder.locked(folder, exclusive=False):  # not while a tune writes it
             manifest = log_folder.read_manifest(folder)
@@ -50,10 +52,10 @@ class TunedKernels:
             log_folder.check_target(folder, manifest, key)
             contents = log_folder.read_log(folder, key)
             validation = log_folder.read_validation(folder)
-        # Workloads whose result did not make the model faster, timed inside it.
-        self.rejected = log_folder.rejected_workloads(validation) if validation else set()
-        # Workload -> the rank of the candidate the validation chose in the model.
-        self.ranks = log_folder.chosen_ranks(validation) if validation else {}
+        # Workloads whose result did not make the model faster, timed inside it, and
+        # workload -> the rank of the candidate the validation chose in the model.
+        self.rejected, self.ranks = (log_folder.judgement(validation, *(model or (None, None)))
+                                     if validation else (set(), {}))
         self.validated = validation is not None
         self.workloads = contents.workloads
         self.records = contents.best()
@@ -82,7 +84,7 @@ class TunedKernels:
         """``(tuned PrimFunc, label)`` for ``func``, or None: no result for it, our
         default schedule was the fastest, or nothing faster applies. The fastest result
         alone is taken, or the one the log's validation chose in the whole model (its
-        rank among the candidates, ``log_folder.chosen_ranks``)."""
+        rank among the candidates, ``log_folder.judgement``)."""
         import tvm_ffi
 
         mod = workload(func)
@@ -225,9 +227,11 @@ def shipped_log(key: str, cpu: str | None = None) -> Path | None:
     return found.get(cpu) if cpu in found else found.get(None)
 
 
-def load_for_build(spec: str | None, preset) -> TunedKernels | None:
+def load_for_build(spec: str | None, preset, model: tuple | None = None
+                   ) -> TunedKernels | None:
     """``spec``: a log folder (its own or holding ``<preset>/``), ``"none"``, or None for
-    the shipped log of this target when there is one."""
+    the shipped log of this target when there is one; ``model``: (the sha256 of the
+    ONNX file, the batch built), see ``TunedKernels``."""
     from xcompile import schedules, targets
 
     key = log_folder.target_key(preset.tvm_target())
@@ -239,5 +243,5 @@ def load_for_build(spec: str | None, preset) -> TunedKernels | None:
         if folder is None:
             return None
         log.info("using the shipped tuning log %s", folder.name)
-        return TunedKernels(folder, key, rules)
-    return TunedKernels(log_folder.resolve_folder(spec, preset.name), key, rules)
+        return TunedKernels(folder, key, rules, model)
+    return TunedKernels(log_folder.resolve_folder(spec, preset.name), key, rules, model)

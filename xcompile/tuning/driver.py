@@ -11,6 +11,7 @@ the log count against the budget, and the search starts from the logged best.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -100,8 +101,6 @@ def _check_local_device(preset) -> None:
 
 
 def _new_manifest(preset, key: str, timing: str, cpu: str | None) -> dict:
-    import json
-
     return {"format": log_folder.FORMAT, "target": {"name": preset.name, "tvm": json.loads(key)},
             "timing": timing, **({"cpu": cpu} if cpu else {}),
             "versions": versions(), "models": {}, "tasks": {}, "trials": 0,
@@ -353,6 +352,10 @@ def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opt
         entry = manifest["tasks"].setdefault(hashes[t.name], {"name": t.name})
         if model not in entry.setdefault("models", []):
             entry["models"].append(model)
+        # Calls per inference, per model: a batch-8 model whose slices run the batch-1
+        # kernels calls each 8 times as often as the batch-1 model, on one workload.
+        entry["calls"] = t.weight
+        entry.setdefault("calls_by_model", {})[json.dumps(model)] = t.weight
         recs = records.get(hashes[t.name], [])
         timed = [v for v in entry.get("configs", {}).values() if v is not None]
         entry["trials"] = len(recs) + len(entry.get("configs", {}))
@@ -366,6 +369,7 @@ def _finish_manifest(manifest, all_tasks, chosen, hashes, contents, started, opt
     for h, entry in manifest["tasks"].items():
         if h not in current and model in entry.get("models", []):
             entry["models"].remove(model)
+            entry.get("calls_by_model", {}).pop(json.dumps(model), None)
     seconds = time.perf_counter() - started
     manifest["trials"] = (sum(len(r) for r in records.values())
                           + sum(len(e.get("configs", {})) for e in manifest["tasks"].values()))

@@ -343,13 +343,59 @@ def read_validation(folder: Path) -> dict | None:
     return data
 
 
-def rejected_workloads(validation: dict) -> set[str]:
-    """The workloads a validation rejected: its own model's, and those of the verdicts on
-    other models (or batches) of the same log that it carried forward (``earlier``)."""
-    rejected = set(validation.get("rejected", []))
-    for verdict in validation.get("earlier", []):
-        rejected.update(verdict.get("rejected", []))
-    return rejected
+def verdicts(validation: dict) -> list[dict]:
+    """The verdicts a validation holds, its own first, then those it carried forward
+    (``earlier``, newest first): each ``{"model", "batch", "judged", "rejected",
+    "choice"}``."""
+    own = {"model": validation.get("model_hash"), "batch": validation.get("batch"),
+           "judged": [w.get("workload") for w in validation.get("workloads", [])
+                      if isinstance(w, dict)],
+           "rejected": validation.get("rejected", []), "choice": validation.get("choice", {})}
+    return [own, *(v for v in validation.get("earlier", []) if isinstance(v, dict))]
+
+
+def _same_batch(a, b) -> bool:
+    # A verdict written before verdicts named the batch they ran at says None: the
+    # model's own, batch 1 for every model those were made with.
+    return (a or 1) == (b or 1)
+
+
+def judgement(validation: dict, model: str | None = None,
+              batch: int | None = None) -> tuple[set[str], dict[str, int]]:
+    """(the rejected workloads, workload -> the rank of the result chosen in the model)
+    for a build of ``model`` (its sha256) at ``batch``. Each workload takes the verdicts
+    of this model at this batch where one judged it, else those at this batch on other
+    models, else any: within those it is rejected where one rejected it, and takes the
+    newest choice. A batch-8 model whose slices run its batch-1 kernels shares their
+    workloads with the batch-1 model, and the two validations may differ (the Zen 4's
+    x86-avx2 log: 0.945x as long with it at batch 1, not faster at batch 8): neither
+    erases the other. A workload no verdict judged is not rejected, rank 1."""
+    tiers = [lambda v: model is not None and v.get("model") == model
+             and _same_batch(v.get("batch"), batch),
+             lambda v: _same_batch(v.get("batch"), batch),
+             lambda v: True]
+    every = verdicts(validation)
+    rejected: set[str] = set()
+    ranks: dict[str, int] = {}
+    settled: set[str] = set()
+    for tier in tiers:
+        here = [v for v in every if tier(v)]
+        # (What a verdict rejected or chose a rank for, it judged.)
+        judged = {w for v in here for w in (*v.get("judged", []), *v.get("rejected", []),
+                                            *_choice(v))}
+        judged -= settled
+        for v in here:
+            rejected.update(w for w in v.get("rejected", []) if w in judged)
+            for w, r in _choice(v).items():
+                if w in judged:
+                    ranks.setdefault(str(w), int(r))
+        settled |= judged
+    return rejected, ranks
+
+
+def _choice(verdict: dict) -> dict:
+    choice = verdict.get("choice", {})
+    return choice if isinstance(choice, dict) else {}
 
 
 def previous_validation(folder: Path) -> dict | None:
@@ -361,40 +407,21 @@ def previous_validation(folder: Path) -> dict | None:
     return old if isinstance(old, dict) else None
 
 
-def chosen_ranks(validation: dict) -> dict[str, int]:
-    """Workload -> the rank (1: the fastest alone) of the result a validation chose for
-    it inside the whole model, its own model's and those carried forward; workloads not
-    listed take the fastest."""
-    ranks: dict[str, int] = {}
-    for verdict in [*validation.get("earlier", []), validation]:
-        choice = verdict.get("choice", {})
-        if isinstance(choice, dict):
-            ranks.update({str(w): int(r) for w, r in choice.items()})
-    return ranks
-
-
-def earlier_verdicts(old: dict | None, model: str, batch, judged: set[str]) -> list[dict]:
+def earlier_verdicts(old: dict | None, model: str, batch) -> list[dict]:
     """What a new validation of ``model`` at ``batch`` carries forward from the previous
-    one (``old``, ``previous_validation``): the verdicts on other models and batches,
-    each without the workloads the new one judges (``judged``), so that tuning a second
-    model into a log keeps the first one's rejections. (A workload two models share is
-    judged anew by the later one.)"""
+    one (``old``, ``previous_validation``): every verdict on another model or batch,
+    whole, so that tuning a second model or batch into a log keeps the first one's
+    (a build weighs them: ``judgement``)."""
     if old is None:
         return []
-    verdicts = [{"model": old.get("model_hash"), "batch": old.get("batch"),
-                 "judged": [w.get("workload") for w in old.get("workloads", [])
-                            if isinstance(w, dict)],
-                 "rejected": old.get("rejected", []), "choice": old.get("choice", {})}]
-    verdicts += [v for v in old.get("earlier", []) if isinstance(v, dict)]
     out = []
-    for v in verdicts:
-        if (v.get("model"), v.get("batch")) == (model, batch) or v.get("model") is None:
+    for v in verdicts(old):
+        if v.get("model") is None or (v.get("model") == model
+                                      and _same_batch(v.get("batch"), batch)):
             continue
-        judged_there = [w for w in v.get("judged", []) if w not in judged]
-        choice = v.get("choice", {}) if isinstance(v.get("choice"), dict) else {}
-        out.append({"model": v["model"], "batch": v.get("batch"), "judged": judged_there,
-                    "rejected": [w for w in v.get("rejected", []) if w in judged_there],
-                    "choice": {w: r for w, r in choice.items() if w in judged_there}})
+        out.append({"model": v["model"], "batch": v.get("batch"),
+                    "judged": list(v.get("judged", [])),
+                    "rejected": list(v.get("rejected", [])), "choice": dict(_choice(v))})
     return [v for v in out if v["judged"]]
 
 
