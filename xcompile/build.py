@@ -161,6 +161,7 @@ class Compiled:
     # the CPU the build runs on: kept in the build folder for refits.
     transform: list
     tuning: dict | None = None  # what a tuning log contributed
+    model_sha256: str = ""  # the ONNX file's (the manifest's, and the tuning log's key)
 
 
 def compile_model(opts: BuildOptions) -> Compiled:
@@ -172,12 +173,13 @@ def compile_model(opts: BuildOptions) -> Compiled:
     onnx_model = frontend.load_onnx(opts.model)
     imported = frontend.import_onnx(onnx_model, batch=opts.batch, source=opts.model)
     _check_memory(imported, preset)
+    model_sha256 = sha256_file(opts.model)
     tuned = None
     if opts.custom_schedules:
         from xcompile.tuning import load_for_build
 
         tuned = load_for_build(opts.tuning_log, preset,
-                               (sha256_file(opts.model), imported.input.shape[0]))
+                               (model_sha256, imported.input.shape[0]))
     opt = pipeline.optimize(imported.mod, preset, opts.custom_schedules, tuned=tuned,
                             precision=opts.precision, fuse_separable=opts.fuse_separable)
     log.info("compiling %d kernels for %s", len(opt.kernels), preset.name)
@@ -213,7 +215,7 @@ def compile_model(opts: BuildOptions) -> Compiled:
     names = [f"w{i:04d}" for i in range(len(opt.mod["main"].params) - 1)]
     return Compiled(preset, imported, executable, opt.kernels, opt.work, weights, names,
                     transform,
-                    tuned.summary() if tuned else None)
+                    tuned.summary() if tuned else None, model_sha256)
 
 
 
@@ -236,7 +238,7 @@ def build(opts: BuildOptions) -> dict:
             _export(module, c.preset, tmp / name)
         manifest = {
             "model": {"path": str(Path(opts.model).resolve()),
-                      "sha256": sha256_file(opts.model),
+                      "sha256": c.model_sha256,
                       "builtin": opts.builtin.to_json() if opts.builtin else None},
             "inputs": [c.imported.input.to_json()],
             "outputs": [o.to_json() for o in c.imported.outputs],
