@@ -43,7 +43,14 @@ GROUPED = "grouped"  # groups of several input channels (1 < groups < C_in)
 POINTWISE = "pointwise"  # groups = 1, a 1x1 window (any stride)
 DENSE = "dense"  # groups = 1, a larger window (KxK, 1xK, Kx1)
 SEPARABLE = "separable"  # a depthwise conv and the pointwise conv after it, fused
+WINOGRAD = "winograd"  # a 3x3 conv by Winograd's minimal filtering (xcompile.winograd)
 OTHER = "other"  # not a convolution
+
+# The block annotation that names each stage of a Winograd convolution
+# (``xcompile.winograd``): "weights", "input_rows", "input", "products", "output_rows",
+# "output".
+WINOGRAD_STAGE = "xcompile.winograd_stage"
+WINOGRAD_STAGES = ("weights", "input_rows", "input", "products", "output_rows", "output")
 
 
 @dataclass
@@ -348,16 +355,63 @@ def match_reduction(sch) -> Reduction | None:
     return Reduction(rv, before, after)
 
 
+@dataclass
+class Winograd:
+    """A Winograd convolution (``xcompile.winograd``): its stages' blocks by name, the
+    elementwise blocks after its output over the output's shape (``epilogues``), and
+    the direct convolution's shape: ``out_shape`` NHWC, ``in_channels``; ``row_tiles``
+    the tiles a row of them is computed as (padded to the rule's register block)."""
+
+    stages: dict
+    epilogues: list
+    out_shape: tuple[int, ...]
+    in_channels: int
+    row_tiles: int
+
+    @property
+    def direct_flops(self) -> float:
+        """What the direct 3x3 convolution computes: 2 FLOPs per multiply-accumulate."""
+        n, h, w, f = self.out_shape
+        return 2.0 * n * h * w * f * self.in_channels * 9
+
+
+def match_winograd(sch) -> Winograd | None:
+    """The Winograd convolution of ``sch``: a root block marked with each stage of
+    ``WINOGRAD_STAGES`` once, then, after the output stage, elementwise blocks over the
+    output's shape; else None."""
+    stages, rest = {}, []
+    for rv in root_blocks(sch):
+        stage = sch.get(rv).annotations.get(WINOGRAD_STAGE)
+        if stage is None:
+            if "output" not in stages:
+                return None
+            rest.append(rv)
+        elif str(stage) in stages or str(stage) not in WINOGRAD_STAGES or rest:
+            return None
+        else:
+            stages[str(stage)] = rv
+    if len(stages) != len(WINOGRAD_STAGES):
+        return None
+    out = sch.get(stages["output"])
+    shape = tuple(int(s) for s in out.writes[0].source.shape)
+    if not _same_shape(sch, rest, shape):
+        return None
+    inputs = sch.get(stages["input"]).writes[0].source
+    return Winograd(stages, rest, shape, int(inputs.shape[-1]), int(inputs.shape[4]))
+
+
 def classify(func) -> str:
     """What ``func`` (a lowered kernel) computes: ``SEPARABLE`` (a fused depthwise ->
-    pointwise pair), the kind of its one convolution (``DEPTHWISE``, ``GROUPED``,
-    ``POINTWISE``, ``DENSE``), or ``OTHER``. The one classifier the rules, the
-    separable fusion and the tuner share."""
+    pointwise pair), ``WINOGRAD`` (a Winograd convolution), the kind of its one
+    convolution (``DEPTHWISE``, ``GROUPED``, ``POINTWISE``, ``DENSE``), or ``OTHER``.
+    The one classifier the rules, the separable fusion and the tuner share."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     if match_separable(sch) is not None:
         return SEPARABLE
+    if match_winograd(sch) is not None:
+        return WINOGRAD
     conv = match_conv2d_nhwc(s_tir.Schedule(func))
     return conv.kind if conv is not None else OTHER
 
@@ -404,12 +458,16 @@ def work_flops(func) -> float:
     multiply-accumulate of its reductions (a convolution's or matmul's MACs), 1 per element
     reduced otherwise (a mean, a max pool); elementwise work fused around them is not
     counted (``estimate_tir_flops`` counts every operation, and a SiLU epilogue's
-    polynomial then makes a 1x1 conv look 5x faster than it is). A kernel without a
-    reduction: TVM's operation count."""
+    polynomial then makes a 1x1 conv look 5x faster than it is). A Winograd convolution
+    counts as the direct convolution it replaces (as profilers report such kernels). A
+    kernel without a reduction: TVM's operation count."""
     import tvm
     from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(func)
+    winograd = match_winograd(sch)
+    if winograd is not None:
+        return winograd.direct_flops
     total, reductions = 0.0, 0
     for rv in root_blocks(sch):
         block = sch.get(rv)

@@ -29,6 +29,8 @@ _FACTORIES: dict[str, list[Callable[[], object]]] = {}
 _BASELINE: dict[str, list[Callable[[], object]]] = {}
 # family -> factory of its rule for fused depthwise -> pointwise kernels.
 _SEPARABLE_FUSION: dict[str, Callable[[], object]] = {}
+# family -> factory of its rule for Winograd convolutions (``xcompile.winograd``).
+_WINOGRAD: dict[str, Callable[[], object]] = {}
 # family -> desired layouts for relax.transform.ConvertLayout (absent: keep the model's).
 _LAYOUTS: dict[str, dict[str, list[str]]] = {}
 
@@ -63,6 +65,18 @@ def fuses_separable(family: str) -> bool:
 def separable_rule(family: str):
     """A fresh instance of ``family``'s fused-separable rule (see ``fuses_separable``)."""
     return _SEPARABLE_FUSION[family]()
+
+
+def register_winograd(family: str, factory: Callable[[], object]) -> None:
+    """Declare ``family``'s rule for Winograd convolutions (also one of its rules), so
+    the pipeline computes the 3x3 convs it takes that way."""
+    _WINOGRAD[family] = factory
+
+
+def winograd_rule(family: str):
+    """A fresh instance of ``family``'s Winograd rule, or None (the family has none)."""
+    make = _WINOGRAD.get(family)
+    return make() if make else None
 
 
 def layout_for(family: str) -> dict[str, list[str]] | None:

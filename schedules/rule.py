@@ -37,6 +37,9 @@ class ConfigRule:
     # Earlier names of the rule: tuning logs and manifests that name it so still apply.
     aliases: tuple[str, ...] = ()
     config_type = None
+    # Whether the tuner also searches MetaSchedule's own space for the kernels this rule
+    # schedules (False: our configurations are the whole space).
+    metaschedule_space = True
 
     def config_to_json(self, config) -> dict | None:
         """The configuration as JSON, without the fields its type lists in

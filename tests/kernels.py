@@ -32,10 +32,11 @@ def executable_cpu_presets():
 
 
 def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
-                    fuse_separable: bool = False) -> dict:
+                    fuse_separable: bool = False, winograd: bool = True) -> dict:
     """The module's kernels as our pipeline lowers them for this CPU (NHWC, fused; CUDA
     shares the layout), before any schedule: name -> PrimFunc. ``fuse_separable``:
-    depthwise -> pointwise pairs as one kernel, as CPU builds do."""
+    depthwise -> pointwise pairs as one kernel, as CPU builds do; ``winograd`` False:
+    the 3x3 convs direct (builds take Winograd's algorithm where the rule does)."""
     import io
 
     import onnx
@@ -50,7 +51,7 @@ def lowered_kernels(module: nn.Module, shape, precision: str = "fp32",
         torch.onnx.export(module, (torch.zeros(shape),), buf, dynamo=False, opset_version=17)
     imported = frontend.import_onnx(onnx.load_from_string(buf.getvalue()))
     mod, _ = pipeline.lower(imported.mod, HOST, precision=precision,
-                            fuse_separable=fuse_separable)
+                            fuse_separable=fuse_separable, winograd=winograd)
     return {gv.name_hint: f for gv, f in mod.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc)}
 
@@ -92,12 +93,17 @@ def random_args(func, seed=0):
             for p in func.params]
 
 
-def conv_kernel(cin, cout, size, k=1, stride=1, pad=0, groups=1, batch=1, act=nn.ReLU):
-    layers = [nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False),
-              nn.BatchNorm2d(cout)]
+def conv_kernel(cin, cout, size, k=1, stride=1, pad=0, groups=1, batch=1, act=nn.ReLU,
+                winograd=False, norm=True):
+    """The lowered conv (+ batch norm unless not ``norm``, activation); direct unless
+    ``winograd``."""
+    layers = [nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)]
+    if norm:
+        layers.append(nn.BatchNorm2d(cout))
     if act is not None:
         layers.append(act())
-    kernels = lowered_kernels(nn.Sequential(*layers), (batch, cin, size, size))
+    kernels = lowered_kernels(nn.Sequential(*layers), (batch, cin, size, size),
+                              winograd=winograd)
     convs = [f for name, f in kernels.items() if "conv2d" in name]
     assert len(convs) == 1, list(kernels)
     return convs[0]

@@ -43,9 +43,10 @@ def test_manifest_records_the_build(xception71_onnx, xception71_build):
     # Fusion ran: convolutions carry their bias/ReLU epilogues in one kernel.
     assert any(n.startswith("fused_conv2d") for n in names), names
     rules = {k["rule"] for k in m["kernels"]}
+    # (The stem's stride-1 3x3 conv, 32 -> 64 channels, by Winograd's algorithm.)
     assert rules == {"xcompile.cpu.PackedConvGEMM", "xcompile.cpu.VectorDepthwise",
                      "xcompile.cpu.VectorMatmul", "xcompile.cpu.VectorReduction",
-                     "xcompile.cpu.Fallback"}, rules
+                     "xcompile.cpu.WinogradConv", "xcompile.cpu.Fallback"}, rules
     # Every ONNX weight is recorded by its name; params.bin holds exactly the weights
     # main takes, each under its own name.
     import onnx

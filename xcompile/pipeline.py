@@ -4,14 +4,16 @@ run once, at build time.
 
 Stages, in order:
 1. graph passes: inference-only decomposition (batch norm), the layout the target
-   family's schedules are written for (NHWC for CPUs), and lifting of every computation
-   on weights alone (layout changes of the weights) out of ``main``;
+   family's schedules are written for (NHWC for CPUs), the 3x3 convs the family's
+   Winograd rule takes as Winograd convolutions (``xcompile.winograd``), and lifting of
+   every computation on weights alone (layout changes of the weights) out of ``main``;
 2. lowering: operator legalization to TIR, constant folding, and fusion of each heavy op
    with the elementwise ops after it (the "zero" pipeline of ``relax.pipeline``);
 3. scheduling: each kernel gets the first matching rule of the family from
    ``schedules``; kernels no rule matches keep TVM's default lowering;
 4. weight packing: layout-rewrite blocks the rules placed on weights (packed GEMM
-   panels) are split out of the kernels and lifted like stage 1's transforms.
+   panels, Winograd's kernel transform) are split out of the kernels and lifted like
+   stage 1's transforms.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def _lift_weights(mod):
 PRECISIONS = ("fp32", "fp16")
 
 
-def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes: int = 0):
-    """Target-independent Relax passes, with ``layout`` (ConvertLayout's format) applied
-    and the layers holding maps over ``tile_batch_bytes`` run on slices of the batch
-    (``batch_tiling``; 0: never).
+def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes: int = 0,
+                 winograd=None):
+    """Relax passes, with ``layout`` (ConvertLayout's format) applied, the layers
+    holding maps over ``tile_batch_bytes`` run on slices of the batch (``batch_tiling``;
+    0: never), and the 3x3 convs that ``winograd`` (a rule's ``tile_multiple`` for the
+    target; None: none) takes computed by Winograd's algorithm (``xcompile.winograd``;
+    after the slicing, which re-infers the sliced operators' shapes).
 
     ``fp16``: mixed precision (Relax's ToMixedPrecision): convolutions and matmuls take
     float16 operands and accumulate in float32, the model's inputs and outputs stay
@@ -85,6 +90,7 @@ def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes:
     from xcompile.batch_tiling import tile_batch
     from xcompile.clip_recovery import recover_clip
     from xcompile.leaky_relu import rewrite_leaky_relu
+    from xcompile.winograd import winograd_convs
 
     t = relax.transform
     passes = [fold_batch_norm(), recover_clip(), rewrite_leaky_relu(),
@@ -96,6 +102,8 @@ def graph_passes(layout: dict | None, precision: str = "fp32", tile_batch_bytes:
     passes.append(tile_batch(tile_batch_bytes))
     if precision == "fp16":
         passes += [t.ToMixedPrecision(out_dtype="float32"), t.CanonicalizeBindings()]
+    if winograd is not None:
+        passes.append(winograd_convs(winograd))
     return tvm.transform.Sequential(passes, name="xcompile.GraphPasses")
 
 
@@ -174,20 +182,24 @@ def compile_pipeline(preset):
 
 
 def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
-          fuse_separable: bool = False):
+          fuse_separable: bool = False, winograd: bool = True):
     """Stages 1-2 for ``preset``: ``(lowered module, weight stage)``. The lowered
     module's PrimFuncs are what the rules schedule and what the tuner tunes; with our
     schedules, an activation only a depthwise conv reads is computed in that conv
     (``activation_fusion``). ``fuse_separable``: depthwise -> pointwise kernel pairs
-    become one kernel, for the families whose rules schedule those."""
+    become one kernel, for the families whose rules schedule those. ``winograd``: the
+    3x3 convs the family's Winograd rule takes are computed that way (False: every conv
+    direct, as a comparison or a test of the direct rules needs)."""
     from xcompile import schedules
     from xcompile.activation_fusion import fuse_input_activations
     from xcompile.separable_fusion import fuse_separable as fusion
 
     layout = schedules.layout_for(preset.family) if custom_schedules else None
-    with preset.tvm_target():
+    rule = schedules.winograd_rule(preset.family) if custom_schedules and winograd else None
+    with preset.tvm_target() as target:
+        winograd = rule and (lambda out, weight: rule.tile_multiple(out, weight, target))
         mod = graph_passes(layout, precision,
-                           preset.tile_batch_bytes if custom_schedules else 0)(mod)
+                           preset.tile_batch_bytes if custom_schedules else 0, winograd)(mod)
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes(custom_schedules
                               and preset.device_kind.scalar_transcendentals)(mod)

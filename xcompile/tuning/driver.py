@@ -205,8 +205,11 @@ def _tune_locked(opts, preset, target, key, imported, all_tasks, chosen, hashes,
                                        per_task=opts.trials_per_task or share,
                                        save=lambda: log_folder.write_manifest(folder, manifest))
         cap = opts.trials_per_task or opts.trials  # per task, in this run
-        todo = _search_tasks(chosen, run_progress.best_ms, remaining)
-        if remaining <= 0 or not opts.search:
+        # (Tasks whose rule has no MetaSchedule space: our configurations cover them.)
+        todo = _search_tasks([t for t in chosen if getattr(
+            by_name.get(entries[hashes[t.name]].get("rule")), "metaschedule_space", True)],
+            run_progress.best_ms, remaining)
+        if remaining <= 0 or not opts.search or not todo:
             log.info("%d trials in the log for these tasks; no search to run",
                      run_progress.trials)
         else:

@@ -40,14 +40,15 @@ def extract(mod, target) -> list[Task]:
 
 
 def select(tasks: list[Task], which: str) -> list[Task]:
-    """``convs`` (every convolution: depthwise, pointwise, dense KxK and grouped, and
-    fused separable pairs), ``separable`` (depthwise and pointwise convs, and fused
+    """``convs`` (every convolution: depthwise, pointwise, dense KxK and grouped, fused
+    separable pairs and Winograd convolutions), ``separable`` (depthwise and pointwise convs, and fused
     pairs of them), ``all``, or the tasks whose name matches the regular expression
     ``which``; never empty."""
-    from xcompile.schedules.analysis import DENSE, DEPTHWISE, GROUPED, POINTWISE, SEPARABLE
+    from xcompile.schedules.analysis import (DENSE, DEPTHWISE, GROUPED, POINTWISE, SEPARABLE,
+                                             WINOGRAD)
 
     kinds = {"separable": (DEPTHWISE, POINTWISE, SEPARABLE),
-             "convs": (DEPTHWISE, POINTWISE, SEPARABLE, DENSE, GROUPED)}
+             "convs": (DEPTHWISE, POINTWISE, SEPARABLE, DENSE, GROUPED, WINOGRAD)}
     if which in kinds:
         chosen = [t for t in tasks if t.kind in kinds[which]]
     elif which == "all":
