@@ -117,7 +117,13 @@ class WinogradConv(ConfigRule):
         sch.vectorize(cv)
         acc = sch.cache_write(gemm, 0, "local")
         sch.reverse_compute_at(acc, txo)
-        sch.vectorize(sch.split(sch.get_loops(acc)[-1], [None, lanes])[1])
+        # The write-back unrolled too: the accumulators stay registers (a loop over them
+        # kept them in memory, zeroed by a memset and stored twice).
+        tiles, chans = sch.get_loops(acc)[-2:]
+        vectors, lane = sch.split(chans, [None, lanes])
+        sch.unroll(tiles)
+        sch.unroll(vectors)
+        sch.vectorize(lane)
         init = sch.get_loops(sch.decompose_reduction(gemm, k))
         sch.unroll(init[-3])
         sch.unroll(init[-2])
