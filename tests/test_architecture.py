@@ -20,7 +20,7 @@ LAYERS = [
     ["xcompile.schedules"],
     ["xcompile.models", "xcompile.frontend", "xcompile.params_file", "xcompile.runtime"],
     ["xcompile.batch_norm_folding", "xcompile.batch_tiling", "xcompile.clip_recovery",
-     "xcompile.leaky_relu",
+     "xcompile.leaky_relu", "xcompile.winograd",
      "xcompile.polynomial_math",
      "xcompile.kernel_pairs", "xcompile.activation_fusion", "xcompile.separable_fusion",
      "xcompile.pipeline", "xcompile.cuda_codegen"],
