@@ -16,8 +16,11 @@ the whole algorithm on it while its data stay in L2:
   and residual after the convolution applied on the way out.
 
 Measured on a 2-core Zen 4 (AVX-512), legacy_xception's second stem conv (3x3, 32 -> 64
-channels on 147x147, no padding) with its bias and ReLU, timed alone: 1.65-1.83 ms for
-register blocks of 4 x 4 to 13 x 2 (the direct ``PackedConvGEMM`` 3.54-3.66 ms).
+channels on 149x149, no padding) with its bias and ReLU, timed alone: 1.48-1.51 ms with
+register blocks of 13 x 2 (the default) and 3 x 4 (the direct ``PackedConvGEMM``: 3.54-3.66
+ms); in the model at batch 1, 3.61 -> 1.80 ms. Not measured: maps of a few tiles a row,
+where the row's padding to the register block is a large share (7x7 maps: 2 tiles padded
+to 3 or more).
 """
 
 from __future__ import annotations
