@@ -197,9 +197,9 @@ def lower(mod, preset, custom_schedules: bool = True, precision: str = "fp32",
     layout = schedules.layout_for(preset.family) if custom_schedules else None
     rule = schedules.winograd_rule(preset.family) if custom_schedules and winograd else None
     with preset.tvm_target() as target:
-        winograd = rule and (lambda out, weight: rule.tile_multiple(out, weight, target))
+        choose = rule and (lambda out, weight: rule.tile_multiple(out, weight, target))
         mod = graph_passes(layout, precision,
-                           preset.tile_batch_bytes if custom_schedules else 0, winograd)(mod)
+                           preset.tile_batch_bytes if custom_schedules else 0, choose)(mod)
         mod, graph_stage = _lift_weights(mod)
         mod = lowering_passes(custom_schedules
                               and preset.device_kind.scalar_transcendentals)(mod)

@@ -81,6 +81,7 @@ def compute(data, weight, padding: tuple[int, int, int, int], tile_multiple: int
     of ``tile_multiple`` (the rule's register block), their outputs dropped."""
     from tvm import te, tirx
 
+    from xcompile.schedules import LAYOUT_REWRITE
     from xcompile.schedules.analysis import WINOGRAD_STAGE as STAGE
 
     n, h, w, ci = (int(s) for s in data.shape)
@@ -96,7 +97,7 @@ def compute(data, weight, padding: tuple[int, int, int, int], tile_multiple: int
         lambda e, v, c, f: te.sum(_entry(G, e, kh, dtype) * weight[kh, kw, c, f]
                                   * _entry(G, v, kw, dtype), axis=[kh, kw]),
         name="winograd_weights",
-        attrs={STAGE: "weights", "meta_schedule.layout_rewrite_preproc": True})
+        attrs={STAGE: "weights", LAYOUT_REWRITE: True})
 
     def pixel(b, y, x, c):
         y, x = y - top, x - left
@@ -127,8 +128,7 @@ def compute(data, weight, padding: tuple[int, int, int, int], tile_multiple: int
             _entry(A, ra2, y, dtype) * m[ra2, x, b, ty, tx, f], axis=[ra2]),
         name="winograd_output_rows", attrs={STAGE: "output_rows"})
     # The output's shape in the graph's index type (int64), as the other params'.
-    shape = [tirx.IntImm(str(data.shape[0].ty.dtype) if hasattr(data.shape[0], "ty") else "int64", d)
-             for d in (n, oh, ow, co)]
+    shape = [tirx.IntImm(str(data.shape[0].ty.dtype), d) for d in (n, oh, ow, co)]
     return te.compute(
         shape,
         lambda b, y, x, f: te.sum(
@@ -166,8 +166,7 @@ def conv_shape(call):
 def winograd_convs(choose):
     """The pass: each conv2d that ``conv_shape`` accepts and ``choose(out_shape,
     weight_shape)`` (NHWC, HWIO) gives a tile multiple (the Winograd rule's register
-    block; None: leave it direct) becomes a call of ``compute``. A no-op with ``choose``
-    None."""
+    block; None: leave it direct) becomes a call of ``compute``."""
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
@@ -176,9 +175,6 @@ def winograd_convs(choose):
 
     @tvm.transform.module_pass(opt_level=0, name="xcompile.WinogradConvs")
     def _pass(mod, _ctx):
-        if choose is None:
-            return mod
-
         def rewrite(call, _m):
             shape = conv_shape(call)
             multiple = shape and choose(shape[3], shape[1])

@@ -41,11 +41,18 @@ class WinogradTile:
     nu: int
 
 
-def default_tile(tiles: int, channels: int, lanes: int, registers: int) -> WinogradTile:
-    """The register block for a row of ``tiles`` tiles and ``channels`` output channels
-    (``conv_gemm.register_tile``: the tiles are its rows)."""
-    mr, nu = register_tile(channels, lanes, registers, tiles)
+def default_tile(out_shape, info) -> WinogradTile:
+    """The register block for a conv of NHWC ``out_shape`` on a CPU of ``info``
+    (``conv_gemm.register_tile``: a row's 4-pixel tiles are its rows, the output channels
+    its columns)."""
+    tiles = -(-int(out_shape[2]) // 4)
+    mr, nu = register_tile(int(out_shape[3]), info.lanes, info.registers, tiles)
     return WinogradTile(mr, nu)
+
+
+def vectors_divide(in_channels: int, out_channels: int, lanes: int) -> bool:
+    """Whether the rule takes a conv of these channels: whole vectors of both."""
+    return in_channels % lanes == 0 and out_channels % lanes == 0
 
 
 class WinogradConv(ConfigRule):
@@ -64,17 +71,16 @@ class WinogradConv(ConfigRule):
         ``weight_shape``, or None where this rule would not schedule it (channels the
         vectors do not divide) and the conv stays direct."""
         info = cpu_info(target)
-        ci, co = int(weight_shape[2]), int(weight_shape[3])
-        if ci % info.lanes or co % info.lanes:
+        if not vectors_divide(int(weight_shape[2]), int(weight_shape[3]), info.lanes):
             return None
-        return default_tile(-(-int(out_shape[2]) // 4), co, info.lanes, info.registers).mr
+        return default_tile(out_shape, info).mr
 
     def match(self, sch, target):
         if target.kind.name != "llvm":
             return None
         found = match_winograd(sch)
-        lanes = cpu_info(target).lanes
-        if found is None or found.in_channels % lanes or found.out_shape[3] % lanes:
+        if found is None or not vectors_divide(found.in_channels, found.out_shape[3],
+                                               cpu_info(target).lanes):
             return None
         return found
 
@@ -83,8 +89,7 @@ class WinogradConv(ConfigRule):
         channels = found.out_shape[3]
         tiles = found.row_tiles
         # The graph pass padded the row to this default's MR (``tile_multiple``).
-        first = default_tile(-(-found.out_shape[2] // 4), channels, info.lanes,
-                             info.registers)
+        first = default_tile(found.out_shape, info)
         out = [first] if tiles % first.mr == 0 else []
         for nu in (4, 2, 1):
             if channels % (nu * info.lanes):
