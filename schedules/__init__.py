@@ -6,7 +6,8 @@ Winograd convolutions (when it has one), ``baseline_rules_for(family)`` TVM's ow
 plain path); ``apply_rules`` is the pass that applies them; ``kernel_rules`` reports which
 rule scheduled each kernel, ``kernel_work`` its kind and FLOPs (``annotate_work``
 records them before scheduling); ``finish_kernels`` is the pass that finishes
-scheduled kernels (what their schedules mark), wherever they are compiled. The families
+scheduled kernels (what their schedules mark), wherever they are compiled, and
+``tir_pipeline`` the TIR pipeline they are compiled with. The families
 register themselves with the registry when their modules are imported, below: a new
 family is a new module and a line here.
 """
@@ -18,7 +19,7 @@ from .registry import (UNSCHEDULED, annotate_work, apply_rules, baseline_rules_f
                        separable_rule, tag_scheduled, winograd_rule, with_work_of,
                        without_work)
 from .intrinsics import register_tensor_intrinsics
-from .finish import finish_kernels
+from .finish import finish_kernels, tir_pipeline
 from .rule import LAYOUT_REWRITE, config_json_key
 
 from . import cpu, cuda  # noqa: E402,F401  (the families: importing one registers its rules)
@@ -28,4 +29,4 @@ __all__ = ["LAYOUT_REWRITE", "UNSCHEDULED", "annotate_work", "apply_rules",
            "kernel_work", "layout_for", "register", "register_baseline", "register_layout",
            "register_separable_fusion", "register_tensor_intrinsics", "register_winograd",
            "rule_name", "rules_by_name", "rules_for", "separable_rule", "tag_scheduled",
-           "winograd_rule", "with_work_of", "without_work"]
+           "tir_pipeline", "winograd_rule", "with_work_of", "without_work"]

@@ -115,7 +115,8 @@ def main(argv: list[str]) -> int:
         # As a build compiles it: with the passes that finish scheduled kernels (their
         # clamped padded-row reads and prefetches run against the guard pages too).
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-        lib = tvm.compile(schedules.finish_kernels()(mod), target=preset.tvm_target())
+        lib = tvm.compile(schedules.finish_kernels()(mod), target=preset.tvm_target(),
+                          tir_pipeline=schedules.tir_pipeline())
         for at_end in (False, True):
             print(f"running {name} ({rule}) {'end' if at_end else 'start'}", flush=True)
             run_guarded(lib, func, rng, at_end)

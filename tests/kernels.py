@@ -71,8 +71,10 @@ def run_kernel(func, arrays, target=None):
     ``arrays``; returns the last (the output)."""
     import tvm
 
+    from xcompile import schedules
+
     lib = tvm.compile(tvm.IRModule({"main": finished(func.with_attr("global_symbol", "main"))}),
-                      target=target or HOST.tvm_target())
+                      target=target or HOST.tvm_target(), tir_pipeline=schedules.tir_pipeline())
     tensors = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*tensors)
     return tensors[-1].numpy()

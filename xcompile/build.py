@@ -186,6 +186,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph":
               opts.cuda_graph and preset.device_kind.captures_graphs}
+    from xcompile import schedules
+
     gpu_code = contextlib.nullcontext()
     if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import fatbin_codegen
@@ -195,7 +197,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     try:
         with gpu_code as codegen, tvm.transform.PassContext(config=config):
             executable = tvm.compile(opt.mod, target=preset.tvm_target(),
-                                     relax_pipeline=pipeline.compile_pipeline(preset))
+                                     relax_pipeline=pipeline.compile_pipeline(preset),
+                                     tir_pipeline=schedules.tir_pipeline())
     except XCompileError:
         raise
     except Exception as e:

@@ -93,7 +93,7 @@ def build_job(mod_json: str, target_json: str, path: str, cross_cc: str | None) 
     # What the build's pipeline adds to our schedules (the prefetches and clamped
     # padded-row reads they mark), so that a candidate is timed as a build compiles it.
     mod = schedules.finish_kernels()(mod)
-    lib = tvm.compile(mod, target=target)
+    lib = tvm.compile(mod, target=target, tir_pipeline=schedules.tir_pipeline())
     kwargs = {}
     if cross_cc:
         from tvm.support import cc
