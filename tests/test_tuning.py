@@ -458,6 +458,43 @@ def test_builds_apply_only_validated_results(tuned, mobile_onnx, names, tmp_path
     assert "changed since it was validated" in m["_stderr"]
 
 
+def test_a_users_log_applies_over_the_shipped_log(tuned, mobile_onnx, names, monkeypatch,
+                                                 tmp_path):
+    """A user's log replaces the shipped log's results where it has accepted ones, and the
+    shipped log's results apply to the rest, as in the default build: here both logs
+    time a result fastest on both kernels, and the user's validation rejected its
+    depthwise one. The shipped log named as the user's applies once, not over itself;
+    and a log is validated against the default build unless it is the default build's."""
+    from types import SimpleNamespace
+
+    from xcompile import build
+    from xcompile.tuning import apply, log_folder
+    from xcompile.tuning_validation import _baseline_log
+
+    logs = _copy(tuned[0], tmp_path)
+    _edit_manifest(logs, _rig_both(names))
+    shipped = log_folder.export_best(logs / "host", tmp_path / "shipped" / "x86-test")
+    monkeypatch.setattr(apply, "SHIPPED", shipped.parent)
+    manifest = json.loads((logs / "host" / "tuning.json").read_text())
+    depthwise = next(h for h, t in manifest["tasks"].items() if t["name"] == names["depthwise"])
+    log_folder.write_validation(logs / "host", {"rejected": [depthwise]})
+
+    def tuning(log, out):
+        opts = build.resolve_options(model=str(mobile_onnx), output=str(tmp_path / out),
+                                     tuning_log=log)
+        return build.build(opts)["tuning"]
+
+    default = tuning(None, "b-default")
+    assert set(default["applied"]) == {names["depthwise"], names["pointwise"]}, default
+    user = tuning(str(logs), "b-user")
+    assert set(user["applied"]) == {names["pointwise"]}, user
+    assert user["fallback"]["applied"] == {names["depthwise"]: default["applied"][names["depthwise"]]}
+    assert names["depthwise"] not in user["kept_default"]
+    assert "fallback" not in tuning(str(shipped), "b-shipped")
+    assert _baseline_log(SimpleNamespace(target="host"), logs / "host") is None
+    assert _baseline_log(SimpleNamespace(target="host"), shipped) == "none"
+
+
 def test_validation_chooses_per_workload_among_ranks():
     """Per workload, the rank whose kernels ran fastest in the model, if it beats the
     untuned kernels by KERNEL_GAIN; a workload the second build did not change keeps its

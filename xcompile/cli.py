@@ -106,9 +106,10 @@ def cmd_build(args) -> int:
     summary = ", ".join(f"{n} {r}" for r, n in sorted(rules.items()))
     print(f"built {opts.output} ({manifest['target']['name']}, "
           f"{len(manifest['kernels'])} kernels: {summary}) in {manifest['build_seconds']} s")
-    if manifest.get("tuning") and manifest["tuning"]["applied"]:
-        print(f"tuning log {manifest['tuning']['log']}: "
-              f"{len(manifest['tuning']['applied'])} kernels tuned")
+    tuning = manifest.get("tuning") or {}
+    for applied in (tuning, tuning.get("fallback") or {}):
+        if applied.get("applied"):
+            print(f"tuning log {applied['log']}: {len(applied['applied'])} kernels tuned")
     return 0
 
 
@@ -143,8 +144,10 @@ def cmd_tune(args) -> int:
                   f"{len(v['workloads'])} tuned kernels kept ({second} with their "
                   f"second-fastest result); {v['model']['outcome']}")
             if "untuned_ms" in v["model"]:
-                print(f"  end to end: {v['model']['untuned_ms']:.2f} ms untuned, "
-                      f"{v['model']['validated_ms']:.2f} ms with the log")
+                base = (f"the default build (the shipped log {v['baseline_log']})"
+                        if v.get("baseline_log") else "no log")
+                print(f"  end to end: {v['model']['untuned_ms']:.2f} ms without it ({base}), "
+                      f"{v['model']['validated_ms']:.2f} ms with it over that")
                 print(f"  the tuner's model estimate (its kernels timed alone): "
                       f"{est['untuned']:.2f} ms untuned, {est['tuned']:.2f} ms with every "
                       "result that won alone")

@@ -3,7 +3,9 @@ gets faster with it.
 
 A kernel timed alone, even with its weights evicted before every call, is not the kernel
 in the model: the kernels around it leave the caches, the memory bus and the cores'
-clocks in another state. ``validate`` builds the model without the log, with all of it,
+clocks in another state. ``validate`` builds the model without the log (the default
+build: the shipped log of the target where there is one, ``apply.default_log``, under
+which builds apply a user's log), with all of it,
 and with every workload's second-fastest result instead of its fastest, times every
 kernel inside the three models (interleaved rounds, medians), keeps for each workload
 whichever of its two results ran faster there (``choice``: the rank) and rejects the
@@ -126,26 +128,46 @@ def _build_in_worker(opts: TuneOptions, out: Path, tuning_log: str) -> dict:
     return _build(opts, out, tuning_log)
 
 
+def _baseline_log(opts: TuneOptions, folder: Path) -> str | None:
+    """The ``--tuning-log`` of the build a log is judged against: the default build's
+    (None), unless the default build applies ``folder`` itself ("none")."""
+    from xcompile.tuning.apply import default_log
+
+    shipped = default_log(targets.resolve(opts.target))
+    return "none" if shipped is not None and shipped.resolve() == folder.resolve() else None
+
+
+def _baseline_name(opts: TuneOptions, folder: Path) -> str | None:
+    """The name of the shipped log the build without ``folder`` applies, or None."""
+    if _baseline_log(opts, folder) == "none":
+        return None
+    from xcompile.tuning.apply import default_log
+
+    shipped = default_log(targets.resolve(opts.target))
+    return shipped.name if shipped is not None else None
+
+
 def _build_both(opts: TuneOptions, tmp: Path, folder: Path) -> dict:
-    """Build the model without the log (``tmp/untuned``) and with it (``tmp/tuned``);
-    returns the tuned build's manifest. With more than one core the untuned build runs
+    """Build the model without the log (``tmp/untuned``, ``_baseline_log``) and with
+    it (``tmp/tuned``); returns the tuned build's manifest. With more than one core the untuned build runs
     in a worker process beside this one: a build is mostly single-threaded LLVM code
     generation and weight packing (an Xception build: 15.2 s of CPU in 16.5 s), so side
     by side the pair took 13 s instead of 28 on a 2-core Emerald Rapids. Should the
     worker fail, the build is repeated here, where its error is the build's own."""
+    baseline = _baseline_log(opts, folder)
     if targets.host_cores() < 2:
-        _build(opts, tmp / "untuned", "none")
+        _build(opts, tmp / "untuned", baseline)
         return _build(opts, tmp / "tuned", str(folder))
     pool = WorkerPool(1)
     try:
-        untuned = pool.submit(_build_in_worker, opts, tmp / "untuned", "none")
+        untuned = pool.submit(_build_in_worker, opts, tmp / "untuned", baseline)
         manifest = _build(opts, tmp / "tuned", str(folder))
         ok, why = pool.outcome(untuned)
     finally:
         pool.close()
     if not ok:
         log.debug("the untuned build failed in its worker (%s); building it here", why)
-        _build(opts, tmp / "untuned", "none")
+        _build(opts, tmp / "untuned", baseline)
     return manifest
 
 
@@ -177,6 +199,8 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
         verdict = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu": bench.machine()["cpu"],
                    "model_hash": model_hash, "batch": batch,
                    "rounds": rounds, "rejected": [], "workloads": [],
+                   # The log the build without this one applies (None: no log).
+                   "baseline_log": _baseline_name(opts, folder),
                    "estimate_ms": model_estimate_ms(folder, workloads, [model_hash, opts.batch]),
                    "earlier": log_folder.earlier_verdicts(previous, model_hash, batch)}
         if not workloads:
