@@ -330,7 +330,7 @@ def test_tune_validates_its_log_in_the_whole_model(tuned, mobile_onnx, names, re
     kernel got faster inside the model, the verdict is stamped with the log it judged,
     and a build applies what was kept."""
     from xcompile.tuning import log_folder, resolve_tune_options
-    from xcompile.tuning_validation import KERNEL_GAIN, validate
+    from xcompile.tuning_validation import KERNEL_GAIN, MODEL_GAIN, validate
 
     logs, proc = tuned
     assert "validated in the whole model" in proc.stdout
@@ -349,6 +349,9 @@ def test_tune_validates_its_log_in_the_whole_model(tuned, mobile_onnx, names, re
         if not row["kept"]:
             assert row["workload"] in v["rejected"]
     assert v["estimate_ms"]["untuned"] > 0 and v["kernels_in_model_ms"]["untuned"] > 0
+    if "ratio" in v["model"]:  # (some result was kept: the end-to-end check ran)
+        assert v["model"]["rounds"] >= 2 * 3
+        assert (v["model"]["ratio"] <= MODEL_GAIN) == v["model"]["outcome"].startswith("faster")
     m = _build_verify(mobile_onnx, logs, tmp_path / "b")
     kept = {k for row in v["workloads"] if row["workload"] not in v["rejected"]
             for k in row["kernels"]}
@@ -368,6 +371,23 @@ def _rig_both(names):
                 t["configs"] = {k: 1e3 for k in t["configs"]}
 
     return rig
+
+
+def test_the_model_check_compares_paired_rounds():
+    """The end-to-end check takes the median of each round's ratio: a host that slows
+    down for some rounds moves both runs of those rounds, not the verdict. Here the
+    validated build runs 1% faster in four rounds of five and meets a spike in the first;
+    the host is slow in rounds 2-3: the medians alone (80 against 99 ms) read it 24%
+    slower."""
+    import statistics
+
+    from xcompile.tuning_validation import MODEL_GAIN, paired_ratio
+
+    untuned = [80.0, 100.0, 100.0, 80.0, 80.0]
+    validated = [100.0, 99.0, 99.0, 79.2, 79.2]
+    assert paired_ratio(untuned, validated) == pytest.approx(0.99)
+    assert paired_ratio(untuned, validated) <= MODEL_GAIN
+    assert statistics.median(validated) / statistics.median(untuned) > 1.2
 
 
 def test_validation_decides_per_workload():

@@ -144,10 +144,12 @@ def cmd_tune(args) -> int:
                   f"{len(v['workloads'])} tuned kernels kept ({second} with their "
                   f"second-fastest result); {v['model']['outcome']}")
             if "untuned_ms" in v["model"]:
-                base = (f"the default build (the shipped log {v['baseline_log']})"
+                base = (f"the default build, shipped log {v['baseline_log']}"
                         if v.get("baseline_log") else "no log")
+                ratio = (f": {v['model']['ratio']:.4f}x in {v['model']['rounds']} paired rounds"
+                         if "ratio" in v["model"] else "")
                 print(f"  end to end: {v['model']['untuned_ms']:.2f} ms without it ({base}), "
-                      f"{v['model']['validated_ms']:.2f} ms with it over that")
+                      f"{v['model']['validated_ms']:.2f} ms with it over that{ratio}")
                 print(f"  the tuner's model estimate (its kernels timed alone): "
                       f"{est['untuned']:.2f} ms untuned, {est['tuned']:.2f} ms with every "
                       "result that won alone")
