@@ -168,6 +168,8 @@ def compile_model(opts: BuildOptions) -> Compiled:
     """Import, optimize and compile ``opts.model`` for ``opts.target``."""
     import tvm
 
+    from xcompile import schedules
+
     preset = targets.resolve(opts.target)
     targets.check_toolchain(preset)
     onnx_model = frontend.load_onnx(opts.model)
@@ -186,8 +188,6 @@ def compile_model(opts: BuildOptions) -> Compiled:
     # CUDA graphs: the VM captures all kernel launches once and replays them.
     config = {"relax.backend.use_cuda_graph":
               opts.cuda_graph and preset.device_kind.captures_graphs}
-    from xcompile import schedules
-
     gpu_code = contextlib.nullcontext()
     if preset.device_kind.compiles_device_code:
         from xcompile.cuda_codegen import fatbin_codegen

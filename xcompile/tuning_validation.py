@@ -146,23 +146,13 @@ def _build_in_worker(opts: TuneOptions, out: Path, tuning_log: str) -> dict:
     return _build(opts, out, tuning_log)
 
 
-def _baseline_log(opts: TuneOptions, folder: Path) -> str | None:
-    """The ``--tuning-log`` of the build a log is judged against: the default build's
-    (None), unless the default build applies ``folder`` itself ("none")."""
+def _baseline_log(opts: TuneOptions, folder: Path) -> Path | None:
+    """The log the build without ``folder`` applies, the default build's
+    (``apply.default_log``): None where there is none, or where it is ``folder``
+    itself."""
     from xcompile.tuning.apply import default_log
 
-    shipped = default_log(targets.resolve(opts.target))
-    return "none" if shipped is not None and shipped.resolve() == folder.resolve() else None
-
-
-def _baseline_name(opts: TuneOptions, folder: Path) -> str | None:
-    """The name of the shipped log the build without ``folder`` applies, or None."""
-    if _baseline_log(opts, folder) == "none":
-        return None
-    from xcompile.tuning.apply import default_log
-
-    shipped = default_log(targets.resolve(opts.target))
-    return shipped.name if shipped is not None else None
+    return default_log(targets.resolve(opts.target), under=folder)
 
 
 def _build_both(opts: TuneOptions, tmp: Path, folder: Path) -> dict:
@@ -172,7 +162,8 @@ def _build_both(opts: TuneOptions, tmp: Path, folder: Path) -> dict:
     generation and weight packing (an Xception build: 15.2 s of CPU in 16.5 s), so side
     by side the pair took 13 s instead of 28 on a 2-core Emerald Rapids. Should the
     worker fail, the build is repeated here, where its error is the build's own."""
-    baseline = _baseline_log(opts, folder)
+    shipped = _baseline_log(opts, folder)
+    baseline = str(shipped) if shipped is not None else "none"
     if targets.host_cores() < 2:
         _build(opts, tmp / "untuned", baseline)
         return _build(opts, tmp / "tuned", str(folder))
@@ -208,6 +199,7 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
     # The log judged is the log as it is now: a record appended while we judge (by
     # another tune) must not pass as validated.
     stamp = log_folder.log_stamp(folder)
+    baseline = _baseline_log(opts, folder)
     with tempfile.TemporaryDirectory(prefix="xcompile-validate-") as tmp:
         log.info("validating the log in the whole model: building without it and with it")
         manifest = _build_both(opts, Path(tmp), folder)
@@ -218,7 +210,7 @@ def validate(opts: TuneOptions, rounds: int = ROUNDS) -> dict | None:
                    "model_hash": model_hash, "batch": batch,
                    "rounds": rounds, "rejected": [], "workloads": [],
                    # The log the build without this one applies (None: no log).
-                   "baseline_log": _baseline_name(opts, folder),
+                   "baseline_log": baseline.name if baseline is not None else None,
                    "estimate_ms": model_estimate_ms(folder, workloads, [model_hash, opts.batch]),
                    "earlier": log_folder.earlier_verdicts(previous, model_hash, batch)}
         if not workloads:

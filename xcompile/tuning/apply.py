@@ -243,13 +243,17 @@ def shipped_log(key: str, cpu: str | None = None) -> Path | None:
     return found.get(cpu) if cpu in found else found.get(None)
 
 
-def default_log(preset) -> Path | None:
+def default_log(preset, under: Path | None = None) -> Path | None:
     """The log a build for ``preset`` applies by default: the shipped one for its
-    target (``shipped_log``), or None."""
+    target (``shipped_log``), or None; also None where that is the folder ``under``
+    itself (a log is not applied over itself)."""
     from xcompile import targets
 
-    return shipped_log(log_folder.target_key(preset.tvm_target()),
-                       targets.host_cpu() if targets.runs_here(preset) else None)
+    shipped = shipped_log(log_folder.target_key(preset.tvm_target()),
+                          targets.host_cpu() if targets.runs_here(preset) else None)
+    if shipped is not None and under is not None and shipped.resolve() == under.resolve():
+        return None
+    return shipped
 
 
 def load_for_build(spec: str | None, preset, model: tuple | None = None
@@ -268,14 +272,13 @@ def load_for_build(spec: str | None, preset, model: tuple | None = None
     if spec is not None and spec.lower() == "none":
         return None
     rules = schedules.rules_for(preset.family)
-    shipped = default_log(preset)
     if spec is None:
+        shipped = default_log(preset)
         if shipped is None:
             return None
         log.info("using the shipped tuning log %s", shipped.name)
         return TunedKernels(shipped, key, rules, model)
     folder = log_folder.resolve_folder(spec, preset.name)
-    fallback = None
-    if shipped is not None and shipped.resolve() != folder.resolve():
-        fallback = TunedKernels(shipped, key, rules, model)
+    shipped = default_log(preset, under=folder)
+    fallback = TunedKernels(shipped, key, rules, model) if shipped is not None else None
     return TunedKernels(folder, key, rules, model, fallback)
