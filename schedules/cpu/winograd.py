@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..analysis import match_winograd
 from ..rule import ConfigRule
-from .conv_gemm import register_tile
+from .conv_gemm import most_rows, register_tile
 from .target_info import cpu_info
 
 
@@ -94,7 +94,7 @@ class WinogradConv(ConfigRule):
         for nu in (4, 2, 1):
             if channels % (nu * info.lanes):
                 continue
-            for mr in range(min(14, (info.registers - nu - 1) // nu), 1, -1):
+            for mr in range(most_rows(nu, info.registers), 1, -1):
                 config = WinogradTile(mr, nu)
                 if tiles % mr == 0 and mr * nu >= 8 and config not in out:
                     out.append(config)
